@@ -1,0 +1,273 @@
+#include "vpmfs/region.h"
+
+#include <fcntl.h>
+#include <sys/file.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <sys/statfs.h>
+#include <sys/sysmacros.h>
+#include <unistd.h>
+
+#include <cstring>
+#include <fstream>
+#include <utility>
+
+#include "vpmfs/persist.h"
+
+namespace vpmfs {
+namespace {
+
+// Owns a file descriptor until released.
+class Fd {
+ public:
+  explicit Fd(int fd) : fd_(fd) {}
+  ~Fd() {
+    if (fd_ >= 0) ::close(fd_);
+  }
+  Fd(const Fd&) = delete;
+  Fd& operator=(const Fd&) = delete;
+  int get() const { return fd_; }
+  int release() { return std::exchange(fd_, -1); }
+
+ private:
+  int fd_;
+};
+
+std::string filesystem_name(int fd) {
+  struct statfs sf {};
+  if (::fstatfs(fd, &sf) != 0) return "unknown filesystem";
+  switch (static_cast<unsigned long>(sf.f_type)) {
+    case 0xEF53:
+      return "ext4";
+    case 0x58465342:
+      return "xfs";
+    case 0x01021994:
+      return "tmpfs";
+    case 0x9123683E:
+      return "btrfs";
+    case 0x794C7630:
+      return "overlayfs";
+    case 0x6969:
+      return "nfs";
+    case 0x65735546:
+      return "fuse";
+    case 0xF2F52010:
+      return "f2fs";
+    case 0x2FC12FC1:
+      return "zfs";
+    default: {
+      char buf[40];
+      std::snprintf(buf, sizeof buf, "filesystem 0x%lx", static_cast<unsigned long>(sf.f_type));
+      return buf;
+    }
+  }
+}
+
+// A character device is device-dax when sysfs files it under the dax subsystem.
+bool devdax_size(const struct stat& st, uint64_t* size) {
+  std::string sys = "/sys/dev/char/" + std::to_string(major(st.st_rdev)) + ":" +
+                    std::to_string(minor(st.st_rdev));
+  char link[256];
+  ssize_t n = ::readlink((sys + "/subsystem").c_str(), link, sizeof link - 1);
+  if (n <= 0) return false;
+  link[n] = '\0';
+  std::string_view subsystem(link);
+  if (subsystem.substr(subsystem.rfind('/') + 1) != "dax") return false;
+  std::ifstream in(sys + "/size");
+  uint64_t bytes = 0;
+  if (!(in >> bytes)) return false;
+  *size = bytes;
+  return true;
+}
+
+}  // namespace
+
+const char* to_string(PersistMode mode) {
+  switch (mode) {
+    case PersistMode::direct:
+      return "direct";
+    case PersistMode::writeback:
+      return "writeback";
+    case PersistMode::unsafe:
+      return "unsafe";
+  }
+  return "?";
+}
+
+std::optional<PersistMode> parse_persist_mode(std::string_view name) {
+  if (name == "direct") return PersistMode::direct;
+  if (name == "writeback") return PersistMode::writeback;
+  if (name == "unsafe") return PersistMode::unsafe;
+  return std::nullopt;
+}
+
+Result<std::unique_ptr<Region>> Region::open(const std::string& path,
+                                             const RegionOptions& options) {
+  int flags = O_CLOEXEC | (options.read_only ? O_RDONLY : O_RDWR);
+  if (options.create_size != 0 && !options.read_only) flags |= O_CREAT;
+  Fd fd(::open(path.c_str(), flags, 0644));
+  if (fd.get() < 0) {
+    if (errno == ENOENT) return Status(ENOENT, "image " + path + " does not exist");
+    return errno_status("cannot open image " + path);
+  }
+  // One writer or any number of readers: a second vpmfs on the same image would corrupt it.
+  if (::flock(fd.get(), (options.read_only ? LOCK_SH : LOCK_EX) | LOCK_NB) != 0) {
+    if (errno == EWOULDBLOCK) {
+      return Status(EBUSY, "image in use: " + path +
+                               " is held by another process (a mounted vpmfs or a vpmfs tool)");
+    }
+    return errno_status("cannot lock image " + path);
+  }
+
+  struct stat st {};
+  if (::fstat(fd.get(), &st) != 0) return errno_status("cannot stat image " + path);
+  auto region = std::unique_ptr<Region>(new Region());
+  region->path_ = path;
+  region->read_only_ = options.read_only;
+  region->eadr_ = options.eadr;
+  uint64_t size = 0;
+  if (S_ISCHR(st.st_mode)) {
+    if (!devdax_size(st, &size)) {
+      return Status(ENODEV, path + " is a character device but not a device-dax node");
+    }
+    region->devdax_ = true;
+    region->backend_name_ = "devdax";
+  } else if (S_ISREG(st.st_mode)) {
+    size = static_cast<uint64_t>(st.st_size);
+    if (size == 0 && options.create_size != 0) {
+      if (::ftruncate(fd.get(), static_cast<off_t>(options.create_size)) != 0) {
+        return errno_status("cannot size image " + path);
+      }
+      size = options.create_size;
+    }
+    region->backend_name_ = filesystem_name(fd.get());
+  } else {
+    return Status(EINVAL, path + " is neither a regular file nor a device-dax node");
+  }
+  if (size == 0) return Status(EINVAL, "image " + path + " is empty");
+  if (size > static_cast<uint64_t>(SIZE_MAX / 2)) {
+    return Status(EFBIG, "image " + path + " is too large to map");
+  }
+
+  int prot = PROT_READ | (options.read_only ? 0 : PROT_WRITE);
+  void* base = MAP_FAILED;
+  if (!options.read_only) {
+    // MAP_SYNC is only granted where CPU cache write-back makes stores durable: a file on a
+    // DAX filesystem or devdax. Everything else refuses it (EOPNOTSUPP).
+    base = ::mmap(nullptr, size, prot, MAP_SHARED_VALIDATE | MAP_SYNC, fd.get(), 0);
+    region->map_sync_ = base != MAP_FAILED;
+  }
+  if (base == MAP_FAILED) base = ::mmap(nullptr, size, prot, MAP_SHARED, fd.get(), 0);
+  if (base == MAP_FAILED) return errno_status("cannot map image " + path);
+  region->base_ = static_cast<std::byte*>(base);
+  region->size_ = size;
+  region->fd_ = fd.release();
+
+  bool persistent = region->map_sync_ || region->devdax_;
+  const std::string& backend = region->backend_name_;
+  std::string why = persistent
+                        ? (region->devdax_ ? "device-dax" : "MAP_SYNC accepted by " + backend)
+                        : "MAP_SYNC not supported by " + backend;
+  PersistMode mode;
+  if (!options.mode) {
+    mode = persistent || options.force_persistent ? PersistMode::direct : PersistMode::writeback;
+  } else {
+    mode = *options.mode;
+  }
+  switch (mode) {
+    case PersistMode::direct:
+      if (!persistent && !options.force_persistent && !options.read_only) {
+        return Status(EOPNOTSUPP, "direct needs a DAX-capable file or devdax: " + why);
+      }
+      region->mode_reason_ = persistent ? why : why + "; treated as persistent (forced)";
+      break;
+    case PersistMode::writeback:
+      if (region->devdax_) {
+        return Status(EINVAL, "writeback needs an image file: device-dax has no flush request");
+      }
+      region->mode_reason_ = persistent ? why + "; writeback requested" : why;
+      break;
+    case PersistMode::unsafe:
+      region->mode_reason_ = "unsafe requested: nothing is ever guaranteed durable";
+      break;
+  }
+  region->mode_ = mode;
+  auto channel = FlushChannel::create(region.get());
+  if (!channel) return channel.status();
+  region->channel_ = std::move(channel.value());
+  return region;
+}
+
+Region::~Region() {
+  if (channel_) channel_->shutdown();
+  if (base_ != nullptr) ::munmap(base_, size_);
+  if (fd_ >= 0) ::close(fd_);
+}
+
+void Region::set_observer(RegionObserver* observer) {
+  observer_ = observer;
+}
+
+void Region::write_nt(uint64_t off, const void* src, std::size_t len) {
+  if (observer_ != nullptr) [[unlikely]] {
+    observer_->store(base_, off, src, len);
+    if (mode_ == PersistMode::direct) observer_->flush(off, len);
+    return;
+  }
+  if (mode_ == PersistMode::direct && !eadr_) {
+    pmem::copy_nt(base_ + off, src, len);
+  } else {
+    std::memcpy(base_ + off, src, len);
+  }
+}
+
+void Region::zero(uint64_t off, std::size_t len) {
+  if (observer_ != nullptr) [[unlikely]] {
+    static constexpr std::byte kZeros[4096] = {};
+    while (len > 0) {
+      std::size_t n = std::min(len, sizeof kZeros);
+      observer_->store(base_, off, kZeros, n);
+      off += n;
+      len -= n;
+    }
+    return;
+  }
+  std::memset(base_ + off, 0, len);
+}
+
+void Region::flush(uint64_t off, std::size_t len) {
+  if (mode_ != PersistMode::direct) return;
+  if (observer_ != nullptr) [[unlikely]] {
+    observer_->flush(off, len);
+    return;
+  }
+  if (!eadr_) pmem::flush(base_ + off, len);
+}
+
+void Region::fence() {
+  if (mode_ != PersistMode::direct) return;
+  if (observer_ != nullptr) [[unlikely]] {
+    observer_->fence();
+    return;
+  }
+  pmem::fence();
+}
+
+void Region::persist(uint64_t off, std::size_t len) {
+  switch (mode_) {
+    case PersistMode::direct:
+      flush(off, len);
+      fence();
+      break;
+    case PersistMode::writeback:
+      if (observer_ != nullptr) [[unlikely]]
+        observer_->mark_dirty(off, len);
+      // Cheap when already set: no store, so no cache-line ping-pong between writers.
+      if (!dirty_.load(std::memory_order_acquire)) dirty_.store(true, std::memory_order_release);
+      break;
+    case PersistMode::unsafe:
+      break;
+  }
+}
+
+}  // namespace vpmfs

@@ -1,0 +1,105 @@
+// The flush channel: an asynchronous flush-request queue on a region's image, modelled on
+// virtio-pmem's request virtqueue and PAPR's H_SCM_FLUSH. A device flush is an io_uring
+// IORING_OP_FSYNC (IORING_FSYNC_DATASYNC) of the image.
+//
+// Contract:
+//  - submit() returns at once; the callback runs on the channel's thread, never on the caller's,
+//    once a device flush that *began after the submit* has completed.
+//  - Requests queued while a flush is in flight are served together by the next one (group
+//    commit): one device flush per batch.
+//  - A failed device flush fails every request of its batch with EIO and latches the channel
+//    failed; every later request fails with EIO too. Nothing is reported durable after that.
+//  - When nothing was persist()ed since the last flush began, a batch completes without a device
+//    round trip (direct and unsafe regions never dirty the channel).
+//  - shutdown() (and the destructor) completes every queued request before returning.
+// Callbacks must not block on the channel (wait() from a callback deadlocks).
+#pragma once
+
+#include <liburing.h>
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <functional>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "vpmfs/status.h"
+
+namespace vpmfs {
+
+class Region;
+
+class FlushChannel {
+ public:
+  using Callback = std::function<void(const Status&)>;
+
+  struct Stats {
+    uint64_t requests = 0;          // submitted
+    uint64_t device_flushes = 0;    // fdatasync requests sent to the device
+    uint64_t requests_flushed = 0;  // requests served by those device flushes
+    uint64_t clean_batches = 0;     // batches served without a device flush (nothing dirty)
+    uint64_t failed_flushes = 0;
+    uint64_t max_batch = 0;
+    uint64_t flush_ns = 0;  // time spent in device flushes
+    int last_error = 0;     // errno of the last failed flush
+    std::string last_error_message;
+    bool failed = false;
+    double requests_per_flush() const {
+      return device_flushes == 0 ? 0.0 : double(requests_flushed) / double(device_flushes);
+    }
+  };
+
+  // Sets up the io_uring; fails when the kernel offers none.
+  static Result<std::unique_ptr<FlushChannel>> create(Region* region);
+  ~FlushChannel();
+  FlushChannel(const FlushChannel&) = delete;
+  FlushChannel& operator=(const FlushChannel&) = delete;
+
+  // Queues a flush request. After shutdown() the callback runs at once with ESHUTDOWN.
+  void submit(Callback callback);
+  // Blocking helper for tools: submit and wait for the result.
+  Status wait();
+  // Completes every queued request and stops the completion thread.
+  void shutdown();
+
+  bool failed() const { return failed_.load(std::memory_order_acquire); }
+  Stats stats() const;
+
+  // Test hook: the next `count` device flushes fail with `error`, as a failing host would.
+  void inject_failures(int count, int error = EIO);
+
+ private:
+  explicit FlushChannel(Region* region) : region_(region) {}
+  // Sends the pending batch to the device. Called with mu_ held and nothing in flight; returns
+  // with the batch in flight and mu_ held.
+  void start_flush(std::unique_lock<std::mutex>& lock);
+  // The completion thread: reaps device flushes, starts the next, runs callbacks.
+  void run();
+
+  Region* region_;
+  io_uring ring_{};
+  std::atomic<bool> failed_{false};
+
+  // Lock order: mu_ is never held while a callback or the region observer runs.
+  mutable std::mutex mu_;  // guards everything below
+  std::condition_variable idle_cv_;
+  std::vector<Callback> pending_;    // queued since the in-flight flush began
+  std::vector<Callback> in_flight_;  // served by the flush in flight
+  bool flushing_ = false;            // a device flush (or NOP stand-in) is in the ring
+  bool starting_ = false;            // the flush is being sent; the ring's SQ is in use
+  bool gathering_ = false;           // waiting for the last batch's submitters to come back
+  bool device_flush_ = false;        // the in-flight request is a real fdatasync
+  int in_flight_error_ = 0;          // errno to report for the in-flight batch (injected)
+  uint64_t flush_started_ns_ = 0;
+  bool stopping_ = false;
+  bool stopped_ = false;
+  int inject_count_ = 0;
+  int inject_error_ = EIO;
+  Stats stats_;
+  std::thread thread_;
+};
+
+}  // namespace vpmfs

@@ -1,0 +1,145 @@
+// A region: an image file or device-dax node mapped shared read-write into this process, with
+// the persistence mode that says what makes a store durable (docs/DESIGN.md, "Persistence
+// modes"). Every layer above stores into the region through this interface so that the crash
+// simulator (crash_sim.h) can record what a crash may keep.
+#pragma once
+
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <string_view>
+
+#include "vpmfs/flush_channel.h"
+#include "vpmfs/status.h"
+
+namespace vpmfs {
+
+enum class PersistMode {
+  direct,     // durable after cache-line write-back + fence (pmem, devdax, MAP_SYNC files)
+  writeback,  // durable after a completed request on the flush channel (virtio-pmem model)
+  unsafe,     // never guaranteed durable
+};
+
+const char* to_string(PersistMode mode);
+std::optional<PersistMode> parse_persist_mode(std::string_view name);
+
+struct RegionOptions {
+  // The mode to use; empty means detect (MAP_SYNC or devdax gives direct, else writeback).
+  std::optional<PersistMode> mode;
+  // Treat the mapped memory as persistent even when MAP_SYNC is refused: the test stand-in for
+  // real pmem, like PMDK's PMEM_IS_PMEM_FORCE. Makes direct possible on any file.
+  bool force_persistent = false;
+  // The CPU caches are inside the persistence domain (eADR): persist is a fence only.
+  bool eadr = false;
+  bool read_only = false;
+  // Non-zero: create the image (sparse) with this size if it does not exist or is empty.
+  uint64_t create_size = 0;
+};
+
+// What the crash simulator sees. store() must perform the store on the region itself, so that
+// recording and storing happen as one step.
+class RegionObserver {
+ public:
+  virtual ~RegionObserver() = default;
+  virtual void store(std::byte* base, uint64_t off, const void* src, std::size_t len) = 0;
+  // A cache-line write-back of [off, off+len) (direct mode).
+  virtual void flush(uint64_t off, std::size_t len) = 0;
+  virtual void fence() = 0;
+  // persist() on a writeback region: the range is handed to the next device flush.
+  virtual void mark_dirty(uint64_t off, std::size_t len) = 0;
+  // A device flush on the flush channel starts / completes (ok = it reported success).
+  virtual void device_flush_begin() = 0;
+  virtual void device_flush_end(bool ok) = 0;
+};
+
+class Region {
+ public:
+  static Result<std::unique_ptr<Region>> open(const std::string& path,
+                                              const RegionOptions& options = {});
+  ~Region();
+  Region(const Region&) = delete;
+  Region& operator=(const Region&) = delete;
+
+  const std::string& path() const { return path_; }
+  std::byte* base() const { return base_; }
+  uint64_t size() const { return size_; }
+  PersistMode mode() const { return mode_; }
+  bool read_only() const { return read_only_; }
+  bool is_devdax() const { return devdax_; }
+  // The backend could map with MAP_SYNC (a DAX file or devdax).
+  bool map_sync() const { return map_sync_; }
+  // Why the mode is what it is, for logs: "MAP_SYNC refused by tmpfs; writeback".
+  const std::string& mode_reason() const { return mode_reason_; }
+  // Name of the filesystem holding the image ("ext4", "tmpfs", "devdax", ...).
+  const std::string& backend_name() const { return backend_name_; }
+
+  std::byte* at(uint64_t off) const { return base_ + off; }
+  bool contains(uint64_t off, uint64_t len) const { return off <= size_ && len <= size_ - off; }
+
+  // Plain stores. Durable after persist() of their range (and, in writeback mode, a completed
+  // flush request that began after it).
+  void write(uint64_t off, const void* src, std::size_t len) {
+    if (observer_ != nullptr) [[unlikely]] {
+      observer_->store(base_, off, src, len);
+      return;
+    }
+    __builtin_memcpy(base_ + off, src, len);
+  }
+  // An aligned 8-byte store: atomic in every crash model.
+  void store64(uint64_t off, uint64_t value) { store_atomic(off, value); }
+  void store32(uint64_t off, uint32_t value) { store_atomic(off, value); }
+  // Copy for large blocks: non-temporal stores in direct mode, so the data is durable after the
+  // next fence() without a write-back pass. Elsewhere the same as write().
+  void write_nt(uint64_t off, const void* src, std::size_t len);
+  void zero(uint64_t off, std::size_t len);
+
+  // Write back the cache lines of a range (direct mode; nothing elsewhere).
+  void flush(uint64_t off, std::size_t len);
+  // Order earlier write-backs and non-temporal stores before later stores.
+  void fence();
+  // Direct: flush + fence. Writeback: hand the range to the next device flush. Unsafe: nothing.
+  void persist(uint64_t off, std::size_t len);
+
+  // The asynchronous flush request queue (virtio-pmem's model) on this image.
+  FlushChannel& flush_channel() { return *channel_; }
+  // A device flush failed: nothing on this region can be reported durable any more.
+  bool failed() const { return channel_->failed(); }
+
+  // Test hook for the crash simulator; attach before, and detach after, all I/O.
+  void set_observer(RegionObserver* observer);
+  RegionObserver* observer() const { return observer_; }
+
+ private:
+  friend class FlushChannel;
+  Region() = default;
+
+  template <typename T>
+  void store_atomic(uint64_t off, T value) {
+    if (observer_ != nullptr) [[unlikely]] {
+      observer_->store(base_, off, &value, sizeof value);
+      return;
+    }
+    __atomic_store_n(reinterpret_cast<T*>(base_ + off), value, __ATOMIC_RELEASE);
+  }
+
+  std::string path_;
+  int fd_ = -1;
+  std::byte* base_ = nullptr;
+  uint64_t size_ = 0;
+  PersistMode mode_ = PersistMode::writeback;
+  bool read_only_ = false;
+  bool devdax_ = false;
+  bool map_sync_ = false;
+  bool eadr_ = false;
+  std::string mode_reason_;
+  std::string backend_name_;
+  // Set by persist() in writeback mode, taken by the flush channel when a device flush begins.
+  std::atomic<bool> dirty_{false};
+  RegionObserver* observer_ = nullptr;
+  std::unique_ptr<FlushChannel> channel_;
+};
+
+}  // namespace vpmfs

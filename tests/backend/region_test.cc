@@ -1,0 +1,243 @@
+#include "vpmfs/region.h"
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cstring>
+#include <fstream>
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include "test_util.h"
+
+namespace vpmfs {
+namespace {
+
+using test::TempPath;
+using ::testing::HasSubstr;
+
+constexpr uint64_t kSize = 8 << 20;
+
+RegionOptions create(uint64_t size = kSize) {
+  RegionOptions o;
+  o.create_size = size;
+  return o;
+}
+
+TEST(Region, CreatesSparseImageAtRequestedSize) {
+  TempPath path("sparse.img");
+  auto r = Region::open(path, create(64ull << 30));
+  ASSERT_TRUE(r) << r.status().to_string();
+  EXPECT_EQ((*r)->size(), 64ull << 30);
+  struct stat st {};
+  ASSERT_EQ(::stat(path.str().c_str(), &st), 0);
+  EXPECT_EQ(static_cast<uint64_t>(st.st_size), 64ull << 30);
+  EXPECT_LT(static_cast<uint64_t>(st.st_blocks) * 512, 1u << 20) << "image is not sparse";
+}
+
+TEST(Region, DetectsWritebackOnTmpfs) {
+  TempPath path("auto.img");
+  auto r = Region::open(path, create());
+  ASSERT_TRUE(r) << r.status().to_string();
+  EXPECT_EQ((*r)->mode(), PersistMode::writeback);
+  EXPECT_FALSE((*r)->map_sync());
+  EXPECT_EQ((*r)->backend_name(), "tmpfs");
+  EXPECT_THAT((*r)->mode_reason(), HasSubstr("MAP_SYNC not supported by tmpfs"));
+}
+
+TEST(Region, DetectsWritebackOnDiskFilesystem) {
+  TempPath path("disk.img", "/tmp");
+  auto r = Region::open(path, create());
+  ASSERT_TRUE(r) << r.status().to_string();
+  EXPECT_EQ((*r)->mode(), PersistMode::writeback);
+  EXPECT_THAT((*r)->mode_reason(), HasSubstr("MAP_SYNC not supported by"));
+}
+
+TEST(Region, RefusesDirectWithoutDaxAndNamesTheReason) {
+  TempPath path("direct.img");
+  RegionOptions o = create();
+  o.mode = PersistMode::direct;
+  auto r = Region::open(path, o);
+  ASSERT_FALSE(r);
+  EXPECT_EQ(r.status().error(), EOPNOTSUPP);
+  EXPECT_EQ(r.status().message(),
+            "direct needs a DAX-capable file or devdax: MAP_SYNC not supported by tmpfs");
+}
+
+TEST(Region, ForcedDirectTreatsMemoryAsPersistent) {
+  TempPath path("forced.img");
+  RegionOptions o = create();
+  o.mode = PersistMode::direct;
+  o.force_persistent = true;
+  auto r = Region::open(path, o);
+  ASSERT_TRUE(r) << r.status().to_string();
+  EXPECT_EQ((*r)->mode(), PersistMode::direct);
+  EXPECT_THAT((*r)->mode_reason(), HasSubstr("forced"));
+
+  // Detection with the force flag also says direct, like PMEM_IS_PMEM_FORCE.
+  r->reset();
+  RegionOptions detect;
+  detect.force_persistent = true;
+  auto again = Region::open(path, detect);
+  ASSERT_TRUE(again) << again.status().to_string();
+  EXPECT_EQ((*again)->mode(), PersistMode::direct);
+}
+
+TEST(Region, UnsafeIsAlwaysPossibleAndSaysSo) {
+  TempPath path("unsafe.img");
+  RegionOptions o = create();
+  o.mode = PersistMode::unsafe;
+  auto r = Region::open(path, o);
+  ASSERT_TRUE(r) << r.status().to_string();
+  EXPECT_EQ((*r)->mode(), PersistMode::unsafe);
+  EXPECT_THAT((*r)->mode_reason(), HasSubstr("nothing is ever guaranteed durable"));
+}
+
+TEST(Region, ParsesModeNames) {
+  EXPECT_EQ(parse_persist_mode("direct"), PersistMode::direct);
+  EXPECT_EQ(parse_persist_mode("writeback"), PersistMode::writeback);
+  EXPECT_EQ(parse_persist_mode("unsafe"), PersistMode::unsafe);
+  EXPECT_EQ(parse_persist_mode("auto"), std::nullopt);
+  EXPECT_EQ(parse_persist_mode("Direct"), std::nullopt);
+  EXPECT_STREQ(to_string(PersistMode::writeback), "writeback");
+}
+
+TEST(Region, SecondOpenOfTheSameImageIsRefused) {
+  TempPath path("locked.img");
+  auto first = Region::open(path, create());
+  ASSERT_TRUE(first) << first.status().to_string();
+
+  auto second = Region::open(path);
+  ASSERT_FALSE(second);
+  EXPECT_EQ(second.status().error(), EBUSY);
+  EXPECT_THAT(second.status().message(), HasSubstr("image in use"));
+
+  RegionOptions ro;
+  ro.read_only = true;
+  EXPECT_EQ(Region::open(path, ro).status().error(), EBUSY) << "a reader must not see a writer's "
+                                                               "half-done state";
+
+  first->reset();
+  EXPECT_TRUE(Region::open(path)) << "the lock must go with the region";
+}
+
+TEST(Region, SecondProcessGetsImageInUse) {
+  TempPath path("locked2.img");
+  auto first = Region::open(path, create());
+  ASSERT_TRUE(first) << first.status().to_string();
+  pid_t pid = ::fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    auto r = Region::open(path);
+    bool refused = !r && r.status().error() == EBUSY &&
+                   r.status().message().find("image in use") != std::string::npos;
+    ::_exit(refused ? 0 : 1);
+  }
+  int status = 0;
+  ASSERT_EQ(::waitpid(pid, &status, 0), pid);
+  ASSERT_TRUE(WIFEXITED(status));
+  EXPECT_EQ(WEXITSTATUS(status), 0) << "the child process was not refused with 'image in use'";
+}
+
+TEST(Region, ReadersShareAnImage) {
+  TempPath path("shared.img");
+  ASSERT_TRUE(Region::open(path, create()));
+  RegionOptions ro;
+  ro.read_only = true;
+  auto a = Region::open(path, ro);
+  auto b = Region::open(path, ro);
+  ASSERT_TRUE(a) << a.status().to_string();
+  ASSERT_TRUE(b) << b.status().to_string();
+  EXPECT_TRUE((*a)->read_only());
+  EXPECT_EQ(Region::open(path).status().error(), EBUSY);
+}
+
+TEST(Region, ClearErrorsForBadPaths) {
+  auto missing = Region::open("/dev/shm/vpmfs-no-such-image.img");
+  EXPECT_EQ(missing.status().error(), ENOENT);
+  EXPECT_THAT(missing.status().message(), HasSubstr("does not exist"));
+
+  TempPath empty("empty.img");
+  { std::ofstream touch(empty.str()); }
+  auto e = Region::open(empty);
+  EXPECT_EQ(e.status().error(), EINVAL);
+  EXPECT_THAT(e.status().message(), HasSubstr("is empty"));
+
+  auto dir = Region::open("/dev/shm");
+  EXPECT_FALSE(dir);
+  EXPECT_EQ(dir.status().error(), EISDIR);
+
+  RegionOptions ro;
+  ro.read_only = true;
+  auto chr = Region::open("/dev/null", ro);
+  EXPECT_EQ(chr.status().error(), ENODEV);
+  EXPECT_THAT(chr.status().message(), HasSubstr("not a device-dax node"));
+}
+
+TEST(Region, StoresReachTheImageAndSurviveReopen) {
+  TempPath path("data.img");
+  const char text[] = "sector atomicity";
+  {
+    auto r = Region::open(path, create());
+    ASSERT_TRUE(r) << r.status().to_string();
+    Region& region = **r;
+    region.write(4096, text, sizeof text);
+    region.store64(8192, 0x1122334455667788ull);
+    region.store32(8200, 0xAABBCCDDu);
+    region.zero(12288, 100);
+    region.write_nt(16384 + 3, text, sizeof text);
+    region.persist(0, region.size());
+    ASSERT_TRUE(region.flush_channel().wait());
+  }
+  auto r = Region::open(path);
+  ASSERT_TRUE(r);
+  Region& region = **r;
+  EXPECT_EQ(std::memcmp(region.at(4096), text, sizeof text), 0);
+  uint64_t v64;
+  uint32_t v32;
+  std::memcpy(&v64, region.at(8192), 8);
+  std::memcpy(&v32, region.at(8200), 4);
+  EXPECT_EQ(v64, 0x1122334455667788ull);
+  EXPECT_EQ(v32, 0xAABBCCDDu);
+  EXPECT_EQ(std::memcmp(region.at(16384 + 3), text, sizeof text), 0);
+  EXPECT_TRUE(region.contains(region.size() - 1, 1));
+  EXPECT_FALSE(region.contains(region.size() - 1, 2));
+  EXPECT_FALSE(region.contains(~0ull, 2));
+}
+
+TEST(Region, PersistOnWritebackDirtiesTheFlushChannel) {
+  TempPath path("dirty.img");
+  auto r = Region::open(path, create());
+  ASSERT_TRUE(r);
+  Region& region = **r;
+  ASSERT_TRUE(region.flush_channel().wait());
+  auto before = region.flush_channel().stats();
+  EXPECT_EQ(before.device_flushes, 0u) << "a clean region needs no device flush";
+  EXPECT_EQ(before.clean_batches, 1u);
+
+  region.write(0, "x", 1);
+  region.persist(0, 1);
+  ASSERT_TRUE(region.flush_channel().wait());
+  EXPECT_EQ(region.flush_channel().stats().device_flushes, 1u);
+}
+
+TEST(Region, DirectAndUnsafeNeverAskTheDevice) {
+  for (PersistMode mode : {PersistMode::direct, PersistMode::unsafe}) {
+    TempPath path("nodev.img");
+    RegionOptions o = create();
+    o.mode = mode;
+    o.force_persistent = true;
+    auto r = Region::open(path, o);
+    ASSERT_TRUE(r);
+    (*r)->write(0, "x", 1);
+    (*r)->persist(0, 1);
+    ASSERT_TRUE((*r)->flush_channel().wait());
+    EXPECT_EQ((*r)->flush_channel().stats().device_flushes, 0u) << to_string(mode);
+  }
+}
+
+}  // namespace
+}  // namespace vpmfs

@@ -1,0 +1,35 @@
+// Helpers shared by the test binaries.
+#pragma once
+
+#include <unistd.h>
+
+#include <atomic>
+#include <cstdio>
+#include <string>
+
+#ifndef VPMFS_TEST_TMP
+#define VPMFS_TEST_TMP "/dev/shm"
+#endif
+
+namespace vpmfs::test {
+
+// A unique image path, removed when the object goes away.
+class TempPath {
+ public:
+  explicit TempPath(const std::string& name, const std::string& dir = VPMFS_TEST_TMP) {
+    static std::atomic<int> counter{0};
+    path_ = dir + "/vpmfs-test-" + std::to_string(::getpid()) + "-" +
+            std::to_string(counter.fetch_add(1)) + "-" + name;
+    std::remove(path_.c_str());
+  }
+  ~TempPath() { std::remove(path_.c_str()); }
+  TempPath(const TempPath&) = delete;
+  TempPath& operator=(const TempPath&) = delete;
+  const std::string& str() const { return path_; }
+  operator const std::string&() const { return path_; }  // NOLINT
+
+ private:
+  std::string path_;
+};
+
+}  // namespace vpmfs::test
