@@ -1,0 +1,717 @@
+#include "btt/arena.h"
+
+#include <immintrin.h>
+#include <sched.h>
+
+#include <algorithm>
+#include <cstring>
+#include <thread>
+
+#include "vpmfs/checksum.h"
+
+namespace vpmfs::btt {
+namespace {
+
+template <typename T>
+T load(const Region& region, uint64_t off) {
+  T value;
+  std::memcpy(&value, region.at(off), sizeof value);
+  return value;
+}
+
+constexpr std::byte kZeros[4096] = {};
+
+std::string str(const char* fmt, auto... args) {
+  char buf[256];
+  std::snprintf(buf, sizeof buf, fmt, args...);
+  return buf;
+}
+
+bool aligned(uint64_t v, uint64_t a) {
+  return v % a == 0;
+}
+
+}  // namespace
+
+// --- layout ----------------------------------------------------------------------------------
+
+ArenaGeometry plan_arena(uint64_t infooff, uint64_t size, uint32_t lbasize, uint32_t nfree) {
+  ArenaGeometry g;
+  g.infooff = infooff;
+  g.size = size;
+  g.external_lbasize = lbasize;
+  g.internal_lbasize = (lbasize + kInternalLbaAlign - 1) / kInternalLbaAlign * kInternalLbaAlign;
+  g.nfree = nfree;
+  uint64_t available = size - size % kPage;
+  available -= 2 * kPage;  // the info block and its backup
+  uint64_t logsize = (uint64_t(nfree) * kFlogGroupSize + kPage - 1) / kPage * kPage;
+  available -= logsize;
+  g.internal_nlba = uint32_t((available - kPage) / (g.internal_lbasize + kMapEntrySize));
+  g.external_nlba = g.internal_nlba - nfree;
+  uint64_t mapsize = (uint64_t(g.external_nlba) * kMapEntrySize + kPage - 1) / kPage * kPage;
+  uint64_t datasize = available - mapsize;
+  g.dataoff = infooff + kPage;
+  g.mapoff = g.dataoff + datasize;
+  g.logoff = g.mapoff + mapsize;
+  g.info2off = g.logoff + logsize;
+  return g;
+}
+
+InfoBlock make_info(const ArenaGeometry& g, const BttFormatOptions& o, const Uuid& uuid) {
+  InfoBlock info;
+  std::memset(&info, 0, sizeof info);
+  std::memcpy(info.signature, kSignature, sizeof info.signature);
+  std::memcpy(info.uuid, uuid.data(), 16);
+  std::memcpy(info.parent_uuid, o.parent_uuid.data(), 16);
+  info.version_major = o.version_major;
+  info.version_minor = o.version_minor;
+  info.external_lbasize = g.external_lbasize;
+  info.external_nlba = g.external_nlba;
+  info.internal_lbasize = g.internal_lbasize;
+  info.internal_nlba = g.internal_nlba;
+  info.nfree = g.nfree;
+  info.infosize = sizeof(InfoBlock);
+  info.nextoff = g.nextoff;
+  info.dataoff = g.dataoff - g.infooff;
+  info.mapoff = g.mapoff - g.infooff;
+  info.logoff = g.logoff - g.infooff;
+  info.info2off = g.info2off - g.infooff;
+  info.checksum = fletcher64(&info, sizeof info);
+  return info;
+}
+
+Status validate_info(const InfoBlock& info, uint64_t infooff, uint64_t limit, ArenaGeometry* out) {
+  auto bad = [](const std::string& why) { return Status(EUCLEAN, why); };
+  if (std::memcmp(info.signature, kSignature, sizeof info.signature) != 0) {
+    return bad("no BTT_ARENA_INFO signature");
+  }
+  InfoBlock copy = info;
+  copy.checksum = 0;
+  uint64_t sum = fletcher64(&copy, sizeof copy);
+  if (sum != info.checksum) {
+    return bad(str("checksum mismatch (stored %#llx, computed %#llx)",
+                   (unsigned long long)info.checksum, (unsigned long long)sum));
+  }
+  if (!((info.version_major == 2 && info.version_minor == 0) ||
+        (info.version_major == 1 && info.version_minor == 1))) {
+    return bad(str("unsupported version %u.%u", info.version_major, info.version_minor));
+  }
+  if (info.external_lbasize != 512 && info.external_lbasize != 4096) {
+    return bad(str("unsupported sector size %u", info.external_lbasize));
+  }
+  if (info.internal_lbasize < info.external_lbasize ||
+      info.internal_lbasize % kInternalLbaAlign != 0 || info.internal_lbasize > 65536) {
+    return bad(str("bad internal LBA size %u", info.internal_lbasize));
+  }
+  if (info.nfree == 0 || info.nfree > 65536) return bad(str("bad nfree %u", info.nfree));
+  if (info.external_nlba == 0 || info.internal_nlba > kMapBlockMask + 1u ||
+      uint64_t(info.external_nlba) + info.nfree != info.internal_nlba) {
+    return bad(str("inconsistent block counts (external %u, internal %u, nfree %u)",
+                   info.external_nlba, info.internal_nlba, info.nfree));
+  }
+  // Every region must lie inside the arena, in order, and the arena inside the namespace.
+  if (infooff > limit) return bad("arena starts beyond the namespace");
+  uint64_t room = limit - infooff;
+  uint64_t data_end = info.dataoff + uint64_t(info.internal_nlba) * info.internal_lbasize;
+  uint64_t map_end = info.mapoff + uint64_t(info.external_nlba) * kMapEntrySize;
+  uint64_t log_end = info.logoff + uint64_t(info.nfree) * kFlogGroupSize;
+  bool in_order = info.dataoff >= kPage && info.dataoff <= room && info.mapoff <= room &&
+                  info.logoff <= room && info.info2off <= room && data_end <= info.mapoff &&
+                  map_end <= info.logoff && log_end <= info.info2off &&
+                  info.info2off + kPage <= room;
+  bool is_aligned = aligned(info.dataoff, 512) && aligned(info.mapoff, 512) &&
+                    aligned(info.logoff, 64) && aligned(info.info2off, 512);
+  if (!in_order || !is_aligned) {
+    return bad(
+        str("offsets out of bounds or misaligned (data %#llx map %#llx log %#llx info2 "
+            "%#llx, arena room %#llx)",
+            (unsigned long long)info.dataoff, (unsigned long long)info.mapoff,
+            (unsigned long long)info.logoff, (unsigned long long)info.info2off,
+            (unsigned long long)room));
+  }
+  if (info.nextoff != 0 && (info.nextoff < info.info2off + kPage || info.nextoff >= room ||
+                            !aligned(info.nextoff, kPage))) {
+    return bad(str("next arena offset %#llx is out of bounds", (unsigned long long)info.nextoff));
+  }
+  ArenaGeometry g;
+  g.infooff = infooff;
+  g.size = info.nextoff != 0 ? info.nextoff : info.info2off + kPage;
+  g.dataoff = infooff + info.dataoff;
+  g.mapoff = infooff + info.mapoff;
+  g.logoff = infooff + info.logoff;
+  g.info2off = infooff + info.info2off;
+  g.nextoff = info.nextoff;
+  g.external_lbasize = info.external_lbasize;
+  g.internal_lbasize = info.internal_lbasize;
+  g.external_nlba = info.external_nlba;
+  g.internal_nlba = info.internal_nlba;
+  g.nfree = info.nfree;
+  *out = g;
+  return Status::ok();
+}
+
+int newer_entry(uint32_t seq0, uint32_t seq1) {
+  if (seq0 > 3 || seq1 > 3 || seq0 == seq1) return -1;
+  if (seq0 == 0) return 1;
+  if (seq1 == 0) return 0;
+  return next_seq(seq0) == seq1 ? 1 : 0;
+}
+
+Status detect_log_indices(const Region& region, const ArenaGeometry& g, int out[2]) {
+  // As Linux's log_set_indices: padding slots are all zero; a lane still in its initial state
+  // has one live entry. The first lane with two live entries fixes the slots; every other lane
+  // must agree. If no lane was ever used, the new (0,1) layout is assumed.
+  auto is_padding = [](const FlogEntry& e) {
+    return e.lba == 0 && e.old_map == 0 && e.new_map == 0 && e.seq == 0;
+  };
+  int index[2] = {-1, -1};
+  bool set = false;
+  bool initial = true;
+  for (uint32_t lane = 0; lane < g.nfree; ++lane) {
+    auto group = load<FlogGroup>(region, g.logoff + uint64_t(lane) * kFlogGroupSize);
+    int next = 0;
+    int live = 0;
+    for (int j = 0; j < 4; ++j) {
+      bool pad = is_padding(group.ent[j]);
+      live += pad ? 0 : 1;
+      if (!set) {
+        if (pad || (next == 1 && j == index[0])) continue;
+        if (next >= 2) return Status(EUCLEAN, str("flog lane %u has more than two entries", lane));
+        index[next++] = j;
+      } else if (j == index[0] && pad) {
+        return Status(EUCLEAN, str("flog lane %u has no entry in slot %d", lane, index[0]));
+      } else if (j != index[0] && j != index[1] && !pad) {
+        return Status(EUCLEAN, str("flog lane %u has an entry in padding slot %d", lane, j));
+      }
+    }
+    if (!set && next == 2) set = true;
+    if (!set && next == 1) index[1] = -1;  // a lane in its initial state decides nothing
+    if (live > 1) initial = false;
+  }
+  if (initial) {
+    index[0] = 0;
+    index[1] = 1;
+  } else if (!set) {
+    return Status(EUCLEAN, "cannot tell which flog slots are in use");
+  }
+  if (index[0] != 0 || (index[1] != 1 && index[1] != 2)) {
+    return Status(EUCLEAN, str("unknown flog slot layout (%d,%d)", index[0], index[1]));
+  }
+  out[0] = index[0];
+  out[1] = index[1];
+  return Status::ok();
+}
+
+// --- arena -----------------------------------------------------------------------------------
+
+Arena::Arena(Btt& btt, Region& region, const ArenaGeometry& g, const int log_index[2],
+             uint64_t first_lba, const InfoBlock& info)
+    : btt_(btt),
+      region_(region),
+      g_(g),
+      log_index_{log_index[0], log_index[1]},
+      first_lba_(first_lba),
+      info_(info),
+      writeback_(region.mode() == PersistMode::writeback),
+      lanes_(g.nfree),
+      stripes_(g.nfree),
+      rtt_(std::max<uint32_t>(g.nfree, 64)) {}
+
+BttArenaInfo Arena::info() const {
+  BttArenaInfo a;
+  a.offset = g_.infooff;
+  a.size = g_.size;
+  a.version_major = info_.version_major;
+  a.version_minor = info_.version_minor;
+  a.external_lbasize = g_.external_lbasize;
+  a.internal_lbasize = g_.internal_lbasize;
+  a.external_nlba = g_.external_nlba;
+  a.internal_nlba = g_.internal_nlba;
+  a.nfree = g_.nfree;
+  a.dataoff = g_.dataoff;
+  a.mapoff = g_.mapoff;
+  a.logoff = g_.logoff;
+  a.info2off = g_.info2off;
+  a.flags = info_.flags;
+  a.log_index[0] = log_index_[0];
+  a.log_index[1] = log_index_[1];
+  std::memcpy(a.uuid.data(), info_.uuid, 16);
+  std::memcpy(a.parent_uuid.data(), info_.parent_uuid, 16);
+  return a;
+}
+
+Status Arena::recover(std::vector<std::string>& notes, int arena_index) {
+  std::vector<uint32_t> free_blocks;
+  free_blocks.reserve(g_.nfree);
+  for (uint32_t i = 0; i < g_.nfree; ++i) {
+    FlogEntry e[2] = {load<FlogEntry>(region_, flog_off(i, 0)),
+                      load<FlogEntry>(region_, flog_off(i, 1))};
+    int n = newer_entry(e[0].seq, e[1].seq);
+    if (n < 0) {
+      return Status(EUCLEAN, str("arena %d lane %u: impossible flog sequence pair (%u, %u)",
+                                 arena_index, i, e[0].seq, e[1].seq));
+    }
+    const FlogEntry& cur = e[n];
+    uint32_t old_block = cur.old_map & kMapBlockMask;
+    uint32_t new_block = cur.new_map & kMapBlockMask;
+    if (cur.lba >= g_.external_nlba || old_block >= g_.internal_nlba ||
+        new_block >= g_.internal_nlba) {
+      return Status(EUCLEAN, str("arena %d lane %u: flog entry out of range (lba %u, old %u, "
+                                 "new %u)",
+                                 arena_index, i, cur.lba, old_block, new_block));
+    }
+    Lane& lane = lanes_[i];
+    lane.free = old_block;
+    lane.sub = uint8_t(1 - n);
+    lane.seq = next_seq(cur.seq);
+    free_blocks.push_back(old_block);
+    if (old_block == new_block) continue;  // an initial entry: no update was ever logged here
+    // The flog entry is durable; if the map still shows the old block, the update stopped
+    // before its commit point. Its data is durable too, so finish it.
+    Lookup now = lookup_media(cur.lba);
+    if (now.block == old_block && now.block != new_block) {
+      if (region_.read_only()) {
+        notes.push_back(
+            str("arena %d lane %u: interrupted update of LBA %u needs rolling "
+                "forward (read-only: not done)",
+                arena_index, i, cur.lba));
+        continue;
+      }
+      map_write(cur.lba, new_block | kMapNormal);
+      notes.push_back(str("arena %d lane %u: rolled an interrupted update of LBA %u forward",
+                          arena_index, i, cur.lba));
+    }
+  }
+  std::sort(free_blocks.begin(), free_blocks.end());
+  auto dup = std::adjacent_find(free_blocks.begin(), free_blocks.end());
+  if (dup != free_blocks.end()) {
+    return Status(EUCLEAN, str("arena %d: two lanes share free block %u", arena_index, *dup));
+  }
+  for (auto& slot : rtt_) slot.store(0, std::memory_order_relaxed);
+  for (uint32_t i = 0; i < g_.nfree; ++i) avail_.push_back(g_.nfree - 1 - i);
+  return Status::ok();
+}
+
+uint32_t Arena::map_raw(uint32_t premap) const {
+  return __atomic_load_n(reinterpret_cast<const uint32_t*>(region_.at(map_off(premap))),
+                         __ATOMIC_ACQUIRE);
+}
+
+Arena::Lookup Arena::lookup_media(uint32_t premap) const {
+  uint32_t raw = map_raw(premap);
+  uint32_t flags = raw & kMapNormal;
+  Lookup l{raw & kMapBlockMask, flags == kMapZero, flags == kMapError};
+  if (flags == 0) l.block = premap;  // initial state: identity mapping
+  // A block number beyond the arena (a damaged map) must never be dereferenced.
+  if (l.block >= g_.internal_nlba) l = Lookup{0, false, true};
+  return l;
+}
+
+Arena::Lookup Arena::lookup(uint32_t premap, Stripe& s) const {
+  if (writeback_) {
+    if (auto it = s.overlay.find(premap); it != s.overlay.end()) {
+      return Lookup{lanes_[it->second].free, false, false};
+    }
+    if (auto it = s.marks.find(premap); it != s.marks.end()) {
+      Lookup l = lookup_media(premap);
+      l.zero = it->second.flag == kMapZero;
+      l.error = it->second.flag == kMapError;
+      return l;
+    }
+  }
+  return lookup_media(premap);
+}
+
+void Arena::copy_in(uint32_t block, const iovec* iov, int iovcnt) {
+  uint64_t off = data_off(block);
+  uint64_t left = g_.external_lbasize;
+  for (int i = 0; i < iovcnt && left > 0; ++i) {
+    uint64_t n = std::min<uint64_t>(iov[i].iov_len, left);
+    region_.write_nt(off, iov[i].iov_base, n);
+    off += n;
+    left -= n;
+  }
+  if (left > 0) region_.zero(off, left);
+}
+
+void Arena::flog_write(Lane& lane, uint32_t lane_index, const FlogEntry& e) {
+  // Two 8-byte halves, each durable before the next: {new_map, seq} goes last, so a torn entry
+  // still carries the older sequence number and recovery ignores it.
+  uint64_t off = flog_off(lane_index, lane.sub);
+  region_.store64(off, uint64_t(e.lba) | (uint64_t(e.old_map) << 32));
+  region_.persist(off, 8);
+  region_.store64(off + 8, uint64_t(e.new_map) | (uint64_t(e.seq) << 32));
+  region_.persist(off + 8, 8);
+}
+
+void Arena::map_write(uint32_t premap, uint32_t entry) {
+  region_.store32(map_off(premap), entry);
+  region_.persist(map_off(premap), kMapEntrySize);
+}
+
+// --- read tracking ---------------------------------------------------------------------------
+
+std::atomic<uint32_t>* Arena::rtt_claim() {
+  static thread_local uint32_t hint =
+      uint32_t(std::hash<std::thread::id>()(std::this_thread::get_id()));
+  constexpr uint32_t kClaimed = 1;  // no kRttValid bit: blocks nobody
+  for (;;) {
+    for (std::size_t i = 0; i < rtt_.size(); ++i) {
+      auto& slot = rtt_[(hint + i) % rtt_.size()];
+      uint32_t expected = 0;
+      if (slot.load(std::memory_order_relaxed) == 0 &&
+          slot.compare_exchange_strong(expected, kClaimed, std::memory_order_acquire)) {
+        hint = uint32_t((hint + i) % rtt_.size());
+        return &slot;
+      }
+    }
+    sched_yield();
+  }
+}
+
+void Arena::rtt_wait(uint32_t block) const {
+  // Orders the map update that freed this block before the scan (a reader that publishes after
+  // this point re-reads the map and sees the block is no longer mapped).
+  std::atomic_thread_fence(std::memory_order_seq_cst);
+  uint32_t busy = kRttValid | block;
+  for (const auto& slot : rtt_) {
+    for (int spins = 0; slot.load(std::memory_order_acquire) == busy; ++spins) {
+      if (spins < 64) {
+        _mm_pause();
+      } else {
+        sched_yield();
+      }
+    }
+  }
+}
+
+Result<Arena::Lookup> Arena::track(uint32_t premap, std::atomic<uint32_t>* slot) {
+  for (;;) {
+    Lookup l;
+    if (writeback_) {
+      Stripe& s = stripe(premap);
+      std::lock_guard lock(s.mu);
+      l = lookup(premap, s);
+    } else {
+      l = lookup_media(premap);
+    }
+    if (l.error) return Status(EIO, str("LBA %u is marked bad (map E flag)", premap));
+    if (l.zero) return l;
+    slot->store(kRttValid | l.block, std::memory_order_seq_cst);
+    Lookup again;
+    if (writeback_) {
+      Stripe& s = stripe(premap);
+      std::lock_guard lock(s.mu);
+      again = lookup(premap, s);
+    } else {
+      again = lookup_media(premap);
+    }
+    if (again == l) return l;
+    slot->store(1, std::memory_order_release);  // moved under us: look again
+  }
+}
+
+Status Arena::read(uint32_t premap, void* data) {
+  reads_.fetch_add(1, std::memory_order_relaxed);
+  std::atomic<uint32_t>* slot = rtt_claim();
+  auto l = track(premap, slot);
+  if (l && l->zero) {
+    std::memset(data, 0, g_.external_lbasize);
+  } else if (l) {
+    std::memcpy(data, region_.at(data_off(l->block)), g_.external_lbasize);
+  }
+  slot->store(0, std::memory_order_release);
+  return l.status();
+}
+
+Result<Btt::ReadRef> Arena::read_ref(uint32_t premap) {
+  reads_.fetch_add(1, std::memory_order_relaxed);
+  std::atomic<uint32_t>* slot = rtt_claim();
+  auto l = track(premap, slot);
+  if (!l || l->zero) {
+    slot->store(0, std::memory_order_release);
+    if (!l) return l.status();
+    Btt::ReadRef ref;
+    ref.data_ = kZeros;
+    return ref;
+  }
+  Btt::ReadRef ref;
+  ref.slot_ = slot;
+  ref.data_ = region_.at(data_off(l->block));
+  return ref;
+}
+
+// --- writes ----------------------------------------------------------------------------------
+
+Status Arena::write(uint32_t premap, const iovec* iov, int iovcnt) {
+  writes_.fetch_add(1, std::memory_order_relaxed);
+  if (pinned_count_.load(std::memory_order_acquire) != 0) {
+    Stripe& s = stripe(premap);
+    std::lock_guard lock(s.mu);
+    if (s.pins.count(premap) != 0) return write_in_place(premap, iov, iovcnt);
+  }
+  return writeback_ ? write_epoch(premap, iov, iovcnt) : write_direct(premap, iov, iovcnt);
+}
+
+Status Arena::write_in_place(uint32_t premap, const iovec* iov, int iovcnt) {
+  // Caller holds the stripe lock. A pinned sector is materialized: it has a real block.
+  Lookup l = lookup(premap, stripe(premap));
+  copy_in(l.block, iov, iovcnt);
+  region_.persist(data_off(l.block), g_.external_lbasize);
+  in_place_.fetch_add(1, std::memory_order_relaxed);
+  return Status::ok();
+}
+
+Status Arena::write_direct(uint32_t premap, const iovec* iov, int iovcnt) {
+  // A lane: the thread's usual one if free, else any free one, else wait for the usual one.
+  static thread_local uint32_t home =
+      uint32_t(std::hash<std::thread::id>()(std::this_thread::get_id()));
+  uint32_t li = home % g_.nfree;
+  bool got = false;
+  for (uint32_t k = 0; k < std::min<uint32_t>(g_.nfree, 8) && !got; ++k) {
+    uint32_t candidate = (home + k) % g_.nfree;
+    if (lanes_[candidate].mu.try_lock()) {
+      li = candidate;
+      got = true;
+    }
+  }
+  if (!got) lanes_[li].mu.lock();
+  Lane& lane = lanes_[li];
+  std::unique_lock lane_lock(lane.mu, std::adopt_lock);
+
+  // 1. Data into the lane's free block, durable before anything points at it.
+  uint32_t block = lane.free;
+  rtt_wait(block);
+  copy_in(block, iov, iovcnt);
+  region_.fence();
+
+  Stripe& s = stripe(premap);
+  std::lock_guard map_lock(s.mu);
+  if (s.pins.count(premap) != 0) {
+    // Pinned while the data was copied: it belongs in the pinned block. The free block stays free.
+    Lookup pinned = lookup_media(premap);
+    region_.write_nt(data_off(pinned.block), region_.at(data_off(block)), g_.external_lbasize);
+    region_.fence();
+    in_place_.fetch_add(1, std::memory_order_relaxed);
+    return Status::ok();
+  }
+  Lookup old = lookup_media(premap);
+  uint32_t old_map = old.block | (old.error ? kMapError : 0);
+  // 2. The flog entry: from here on recovery finishes this update.
+  flog_write(lane, li, FlogEntry{premap, old_map, block, lane.seq});
+  // 3. The map entry: the commit point.
+  map_write(premap, block | kMapNormal);
+  lane.free = old.block;
+  lane.sub ^= 1;
+  lane.seq = next_seq(lane.seq);
+  return Status::ok();
+}
+
+uint32_t Arena::take_lane() {
+  std::unique_lock lock(avail_mu_);
+  while (avail_.empty()) {
+    if (btt_.failed()) return kNoLane;
+    // Every lane holds an uncommitted update: commit them to get their old blocks back.
+    lock.unlock();
+    btt_.sync({});
+    lock.lock();
+    avail_cv_.wait(lock, [this] { return !avail_.empty() || btt_.failed(); });
+  }
+  uint32_t li = avail_.back();
+  avail_.pop_back();
+  lanes_[li].state = LaneState::pending;  // owned by this writer; not yet in the overlay
+  lanes_[li].lba = kNoLane;
+  return li;
+}
+
+Status Arena::write_epoch(uint32_t premap, const iovec* iov, int iovcnt) {
+  uint32_t li = take_lane();
+  if (li == kNoLane) return Status(EIO, "BTT is read-only after a failed flush");
+  Lane& lane = lanes_[li];
+  // The data goes into the lane's free block; nothing on media points at it until the epoch
+  // commits, after a flush has made it durable.
+  rtt_wait(lane.free);
+  copy_in(lane.free, iov, iovcnt);
+  region_.persist(data_off(lane.free), g_.external_lbasize);
+
+  Stripe& s = stripe(premap);
+  std::lock_guard map_lock(s.mu);
+  std::lock_guard avail_lock(avail_mu_);
+  if (s.pins.count(premap) != 0) {
+    Lookup pinned = lookup(premap, s);
+    region_.write(data_off(pinned.block), region_.at(data_off(lane.free)), g_.external_lbasize);
+    region_.persist(data_off(pinned.block), g_.external_lbasize);
+    lane.state = LaneState::available;
+    avail_.push_back(li);
+    avail_cv_.notify_one();
+    in_place_.fetch_add(1, std::memory_order_relaxed);
+    return Status::ok();
+  }
+  if (auto it = s.overlay.find(premap); it != s.overlay.end()) {
+    // Rewritten in the same epoch: the earlier lane's block was never committed, so it is still
+    // that lane's free block and the lane can take another write.
+    Lane& earlier = lanes_[it->second];
+    if (earlier.state == LaneState::pending) {
+      earlier.state = LaneState::available;
+      avail_.push_back(it->second);
+      avail_cv_.notify_one();
+    }
+  }
+  s.marks.erase(premap);
+  s.overlay[premap] = li;
+  lane.lba = premap;
+  return Status::ok();
+}
+
+Status Arena::mark(uint32_t premap, uint32_t flag) {
+  Stripe& s = stripe(premap);
+  std::unique_lock lock(s.mu);
+  if (s.pins.count(premap) != 0) {
+    if (flag == kMapError) return Status(EBUSY, str("LBA %u is pinned", premap));
+    iovec zero{const_cast<std::byte*>(kZeros), g_.external_lbasize};
+    return write_in_place(premap, &zero, 1);
+  }
+  if (!writeback_) {
+    Lookup l = lookup_media(premap);
+    map_write(premap, l.block | flag);
+    return Status::ok();
+  }
+  if (auto it = s.overlay.find(premap); it != s.overlay.end()) {
+    std::lock_guard avail_lock(avail_mu_);
+    Lane& earlier = lanes_[it->second];
+    if (earlier.state == LaneState::pending) {
+      earlier.state = LaneState::available;
+      avail_.push_back(it->second);
+      avail_cv_.notify_one();
+    }
+    s.overlay.erase(it);
+  }
+  s.marks[premap] = Mark{flag, false};
+  return Status::ok();
+}
+
+// --- pins ------------------------------------------------------------------------------------
+
+Status Arena::pin(uint32_t premap) {
+  for (int attempt = 0; attempt < 4; ++attempt) {
+    {
+      Stripe& s = stripe(premap);
+      std::lock_guard lock(s.mu);
+      Lookup l = lookup(premap, s);
+      if (!l.zero && !l.error) {
+        if (s.pins[premap]++ == 0) pinned_count_.fetch_add(1, std::memory_order_acq_rel);
+        return Status::ok();
+      }
+    }
+    // A zero or bad sector has no block of its own yet: give it one, full of zeros.
+    iovec zero{const_cast<std::byte*>(kZeros), g_.external_lbasize};
+    Status s = writeback_ ? write_epoch(premap, &zero, 1) : write_direct(premap, &zero, 1);
+    if (!s) return s;
+  }
+  return Status(EAGAIN, str("LBA %u keeps changing; cannot pin it", premap));
+}
+
+void Arena::unpin(uint32_t premap) {
+  Stripe& s = stripe(premap);
+  std::lock_guard lock(s.mu);
+  auto it = s.pins.find(premap);
+  if (it == s.pins.end()) return;
+  if (--it->second == 0) {
+    s.pins.erase(it);
+    pinned_count_.fetch_sub(1, std::memory_order_acq_rel);
+  }
+}
+
+Result<uint64_t> Arena::pinned_offset(uint32_t premap) {
+  Stripe& s = stripe(premap);
+  std::lock_guard lock(s.mu);
+  if (s.pins.count(premap) == 0) return Status(EINVAL, str("LBA %u is not pinned", premap));
+  return data_off(lookup(premap, s).block);
+}
+
+// --- writeback epochs ------------------------------------------------------------------------
+
+bool Arena::begin_commit() {
+  for (uint32_t i = 0; i < stripes_.size(); ++i) {
+    std::lock_guard lock(stripes_[i].mu);
+    for (auto& [premap, mark] : stripes_[i].marks) {
+      if (!mark.committing) {
+        mark.committing = true;
+        commit_marks_.push_back(premap);
+      }
+    }
+  }
+  std::lock_guard lock(avail_mu_);
+  for (uint32_t i = 0; i < lanes_.size(); ++i) {
+    // A lane whose writer has not yet published its update (lba unset) belongs to the next
+    // epoch: its write has not returned, so this commit owes it nothing.
+    if (lanes_[i].state == LaneState::pending && lanes_[i].lba != kNoLane) {
+      lanes_[i].state = LaneState::committing;
+      commit_lanes_.push_back(i);
+    }
+  }
+  return !commit_lanes_.empty() || !commit_marks_.empty();
+}
+
+void Arena::write_flog() {
+  for (uint32_t li : commit_lanes_) {
+    Lane& lane = lanes_[li];
+    Stripe& s = stripe(lane.lba);
+    std::lock_guard lock(s.mu);
+    auto it = s.overlay.find(lane.lba);
+    if (it == s.overlay.end() || it->second != li) continue;  // superseded: nothing to log
+    Lookup old = lookup_media(lane.lba);
+    lane.old_map = old.block | (old.error ? kMapError : 0);
+    flog_write(lane, li, FlogEntry{lane.lba, lane.old_map, lane.free, lane.seq});
+    std::lock_guard avail_lock(avail_mu_);
+    lane.state = LaneState::committed;
+  }
+  for (uint32_t premap : commit_marks_) {
+    Stripe& s = stripe(premap);
+    std::lock_guard lock(s.mu);
+    auto it = s.marks.find(premap);
+    if (it == s.marks.end() || !it->second.committing) continue;
+    // A flag keeps the entry's block, so this store is safe in any order with the others.
+    map_write(premap, lookup_media(premap).block | it->second.flag);
+  }
+}
+
+uint64_t Arena::write_map() {
+  uint64_t done = 0;
+  for (uint32_t li : commit_lanes_) {
+    Lane& lane = lanes_[li];
+    Stripe& s = stripe(lane.lba);
+    std::lock_guard lock(s.mu);
+    std::lock_guard avail_lock(avail_mu_);
+    if (lane.state == LaneState::committed) {
+      // The flog entry is durable, so recovery would make this store anyway; it reaches media
+      // with the next flush, before this lane's next flog entry can.
+      map_write(lane.lba, lane.free | kMapNormal);
+      auto it = s.overlay.find(lane.lba);
+      if (it != s.overlay.end() && it->second == li) s.overlay.erase(it);
+      lane.free = lane.old_map & kMapBlockMask;
+      lane.sub ^= 1;
+      lane.seq = next_seq(lane.seq);
+      ++done;
+    }
+    lane.state = LaneState::available;
+    avail_.push_back(li);
+  }
+  for (uint32_t premap : commit_marks_) {
+    Stripe& s = stripe(premap);
+    std::lock_guard lock(s.mu);
+    auto it = s.marks.find(premap);
+    if (it != s.marks.end() && it->second.committing) s.marks.erase(it);
+  }
+  commit_lanes_.clear();
+  commit_marks_.clear();
+  lanes_returned();
+  return done;
+}
+
+void Arena::lanes_returned() {
+  std::lock_guard lock(avail_mu_);
+  avail_cv_.notify_all();
+}
+
+}  // namespace vpmfs::btt

@@ -1,0 +1,178 @@
+// One BTT arena: its lanes, map, flog, read tracking and, on writeback regions, the overlay of
+// sector updates not yet committed. Internal to the BTT library.
+#pragma once
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <functional>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "btt/layout.h"
+#include "vpmfs/btt.h"
+#include "vpmfs/region.h"
+
+namespace vpmfs::btt {
+
+struct Namespace {
+  uint64_t offset;  // where the BTT namespace starts in the region
+  uint64_t end;
+};
+struct FoundInfo {
+  InfoBlock info;
+  ArenaGeometry geometry;
+};
+
+std::string hex(uint64_t v);
+Result<Namespace> namespace_of(const Region& region, uint64_t offset, uint64_t size);
+// Where format() puts each arena of a namespace whose first arena starts at `first`.
+std::vector<ArenaGeometry> plan_namespace(uint64_t first, uint64_t end, uint32_t lbasize,
+                                          uint32_t nfree);
+// True if any place a first info block (or its backup) could be holds the signature.
+bool has_signature(const Region& region, uint64_t offset, uint64_t end);
+// Reads and validates the info block of the arena at infooff, falling back to its backup;
+// notes what it found; with mend, rewrites a bad copy from the good one.
+Result<FoundInfo> find_info(Region& region, uint64_t infooff, uint64_t end, int index,
+                            std::vector<std::string>& notes, bool mend);
+// Calls visit for every arena of the namespace, in order.
+Status walk_arenas(Region& region, const Namespace& ns, std::vector<std::string>& notes, bool mend,
+                   const std::function<Status(int, const FoundInfo&)>& visit);
+
+// Validates an info block read from media; on failure says why.
+Status validate_info(const InfoBlock& info, uint64_t infooff, uint64_t limit, ArenaGeometry* out);
+// The info block a fresh arena of this geometry carries.
+InfoBlock make_info(const ArenaGeometry& g, const BttFormatOptions& o, const Uuid& uuid);
+// Geometry of a fresh arena of `size` bytes at `infooff`, as Linux lays it out.
+ArenaGeometry plan_arena(uint64_t infooff, uint64_t size, uint32_t lbasize, uint32_t nfree);
+// Finds which flog slots a lane's two entries use: (0,1) or the old padded (0,2).
+Status detect_log_indices(const Region& region, const ArenaGeometry& g, int out[2]);
+// Which of a lane's two entries is newer (0 or 1), or -1 if the pair is impossible.
+int newer_entry(uint32_t seq0, uint32_t seq1);
+
+class Arena {
+ public:
+  Arena(Btt& btt, Region& region, const ArenaGeometry& g, const int log_index[2],
+        uint64_t first_lba, const InfoBlock& info);
+
+  // Rebuilds the free lists from the flog and rolls interrupted updates forward.
+  Status recover(std::vector<std::string>& notes, int arena_index);
+
+  uint64_t first_lba() const { return first_lba_; }
+  uint32_t external_nlba() const { return g_.external_nlba; }
+  const ArenaGeometry& geometry() const { return g_; }
+  BttArenaInfo info() const;
+
+  Status write(uint32_t premap, const iovec* iov, int iovcnt);
+  Status read(uint32_t premap, void* data);
+  Result<Btt::ReadRef> read_ref(uint32_t premap);
+  Status mark(uint32_t premap, uint32_t flag);  // kMapZero or kMapError
+  Status pin(uint32_t premap);
+  void unpin(uint32_t premap);
+  Result<uint64_t> pinned_offset(uint32_t premap);
+
+  // Writeback epochs, driven by Btt. begin_commit() moves every pending lane and mark into the
+  // commit; write_flog() runs once their data is durable; write_map() once the flog is.
+  bool begin_commit();
+  void write_flog();
+  uint64_t write_map();
+  // Wakes writers waiting for a free lane.
+  void lanes_returned();
+
+  uint64_t writes() const { return writes_.load(std::memory_order_relaxed); }
+  uint64_t reads() const { return reads_.load(std::memory_order_relaxed); }
+  uint64_t in_place_writes() const { return in_place_.load(std::memory_order_relaxed); }
+
+ private:
+  static constexpr uint32_t kNoLane = UINT32_MAX;
+  static constexpr uint32_t kRttValid = 1u << 31;
+
+  enum class LaneState : uint8_t { available, pending, committing, committed };
+
+  struct alignas(64) Lane {
+    std::mutex mu;      // direct mode: held for a whole sector write
+    uint32_t free = 0;  // the lane's free block (postmap number)
+    uint32_t seq = 1;   // sequence number of the lane's next flog entry
+    uint8_t sub = 0;    // which of the two slots the next entry goes to
+    // Writeback epochs (guarded by the stripe lock of `lba`, and by avail_mu_ for state changes
+    // to and from available).
+    LaneState state = LaneState::available;
+    uint32_t lba = 0;      // premap of the pending update
+    uint32_t old_map = 0;  // committing: the map entry the update replaces
+  };
+
+  // A pending change that needs no lane: a Z or E flag to set on commit.
+  struct Mark {
+    uint32_t flag;
+    bool committing;
+  };
+
+  struct alignas(64) Stripe {
+    std::mutex mu;
+    std::unordered_map<uint32_t, uint32_t> overlay;  // premap -> lane with newer data
+    std::unordered_map<uint32_t, Mark> marks;        // premap -> pending Z/E flag
+    std::unordered_map<uint32_t, uint32_t> pins;     // premap -> pin count
+  };
+
+  // What a premap LBA resolves to right now.
+  struct Lookup {
+    uint32_t block;
+    bool zero;
+    bool error;
+    bool operator==(const Lookup&) const = default;
+  };
+
+  bool writeback() const { return writeback_; }
+  Stripe& stripe(uint32_t premap) { return stripes_[(premap / 16) % stripes_.size()]; }
+  uint64_t map_off(uint32_t premap) const { return g_.mapoff + uint64_t(premap) * kMapEntrySize; }
+  uint64_t data_off(uint32_t block) const {
+    return g_.dataoff + uint64_t(block) * g_.internal_lbasize;
+  }
+  uint64_t flog_off(uint32_t lane, uint32_t sub) const {
+    return g_.logoff + uint64_t(lane) * kFlogGroupSize + uint64_t(log_index_[sub]) * kFlogEntrySize;
+  }
+  uint32_t map_raw(uint32_t premap) const;
+  Lookup lookup_media(uint32_t premap) const;
+  Lookup lookup(uint32_t premap, Stripe& s) const;  // with s.mu held
+
+  void copy_in(uint32_t block, const iovec* iov, int iovcnt);
+  void flog_write(Lane& lane, uint32_t lane_index, const FlogEntry& e);
+  void map_write(uint32_t premap, uint32_t entry);
+
+  std::atomic<uint32_t>* rtt_claim();
+  void rtt_wait(uint32_t block) const;
+  // Publishes the block premap resolves to in slot, re-checking the map until stable.
+  Result<Lookup> track(uint32_t premap, std::atomic<uint32_t>* slot);
+
+  Status write_direct(uint32_t premap, const iovec* iov, int iovcnt);
+  Status write_epoch(uint32_t premap, const iovec* iov, int iovcnt);
+  Status write_in_place(uint32_t premap, const iovec* iov, int iovcnt);
+  uint32_t take_lane();
+
+  Btt& btt_;
+  Region& region_;
+  ArenaGeometry g_;
+  int log_index_[2];
+  uint64_t first_lba_;
+  InfoBlock info_;
+  bool writeback_;
+  std::vector<Lane> lanes_;
+  std::vector<Stripe> stripes_;
+  std::vector<std::atomic<uint32_t>> rtt_;
+  std::atomic<uint32_t> pinned_count_{0};
+
+  // Writeback: lanes free for a new write. Lock order: stripe mu before avail_mu_.
+  std::mutex avail_mu_;
+  std::condition_variable avail_cv_;
+  std::vector<uint32_t> avail_;
+  std::vector<uint32_t> commit_lanes_;  // lanes in the commit in flight
+  std::vector<uint32_t> commit_marks_;  // premaps with marks in the commit in flight
+
+  std::atomic<uint64_t> writes_{0};
+  std::atomic<uint64_t> reads_{0};
+  std::atomic<uint64_t> in_place_{0};
+};
+
+}  // namespace vpmfs::btt

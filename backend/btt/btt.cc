@@ -1,0 +1,326 @@
+#include "vpmfs/btt.h"
+
+#include <sys/random.h>
+
+#include <cstring>
+#include <future>
+
+#include "btt/arena.h"
+#include "vpmfs/checksum.h"
+
+namespace vpmfs {
+
+using namespace btt;
+
+// --- format ----------------------------------------------------------------------------------
+
+Status Btt::format(Region& region, const BttFormatOptions& o) {
+  if (region.read_only()) return Status(EROFS, "image is read-only");
+  if (o.sector_size != 512 && o.sector_size != 4096) {
+    return Status(EINVAL, "sector size must be 512 or 4096, not " + std::to_string(o.sector_size));
+  }
+  if (o.nfree == 0 || o.nfree > 65536) return Status(EINVAL, "nfree must be 1..65536");
+  bool v11 = o.version_major == 1 && o.version_minor == 1;
+  if (!v11 && !(o.version_major == 2 && o.version_minor == 0)) {
+    return Status(EINVAL, "BTT version must be 2.0 or 1.1");
+  }
+  if (o.padded_flog && !v11) return Status(EINVAL, "the padded flog layout exists only in v1.1");
+  auto ns = namespace_of(region, o.offset, o.size);
+  if (!ns) return ns.status();
+  uint64_t first = ns->offset + (v11 ? kV11Offset : 0);
+  auto arenas = plan_namespace(first, ns->end, o.sector_size, o.nfree);
+  if (arenas.empty()) {
+    return Status(ENOSPC, "a BTT needs at least 16 MiB for its first arena; the namespace has " +
+                              std::to_string(ns->end - ns->offset) + " bytes");
+  }
+  Uuid uuid = o.uuid;
+  if (uuid == Uuid{} && getrandom(uuid.data(), uuid.size(), 0) != ssize_t(uuid.size())) {
+    return errno_status("cannot make a random uuid");
+  }
+  uint64_t total = 0;
+  for (const auto& g : arenas) total += g.logoff - g.mapoff;
+  uint64_t done = 0;
+  const int slot1 = o.padded_flog ? 2 : 1;
+  for (const auto& g : arenas) {
+    // Zero map entries are the initial identity mapping. A fresh sparse image is zero already;
+    // skipping zero pages keeps it sparse.
+    static const std::byte zeros[kPage] = {};
+    for (uint64_t off = g.mapoff; off < g.logoff; off += kPage) {
+      uint64_t n = std::min<uint64_t>(kPage, g.logoff - off);
+      if (std::memcmp(region.at(off), zeros, n) != 0) {
+        region.zero(off, n);
+        region.persist(off, n);
+      }
+      done += n;
+      if (o.progress && (done % (64u << 20) == 0 || done == total)) o.progress(done, total);
+    }
+    // Each lane starts with one entry naming its free block, one of the nfree blocks past the
+    // external ones; the other slots are zero padding.
+    region.zero(g.logoff, g.info2off - g.logoff);
+    for (uint32_t lane = 0; lane < g.nfree; ++lane) {
+      uint64_t group = g.logoff + uint64_t(lane) * kFlogGroupSize;
+      FlogEntry e{lane, g.external_nlba + lane, g.external_nlba + lane, 1};
+      region.write(group, &e, sizeof e);
+      if (o.padded_flog) {
+        // The old padded layout shows only once a lane holds two entries: give it a second,
+        // equivalent one in slot 2.
+        e.seq = 2;
+        region.write(group + slot1 * kFlogEntrySize, &e, sizeof e);
+      }
+    }
+    region.persist(g.logoff, g.info2off - g.logoff);
+    // Backup first, as Linux does: a torn format leaves no valid primary.
+    InfoBlock info = make_info(g, o, uuid);
+    region.write(g.info2off, &info, sizeof info);
+    region.persist(g.info2off, sizeof info);
+    region.write(g.infooff, &info, sizeof info);
+    region.persist(g.infooff, sizeof info);
+  }
+  return region.flush_channel().wait();
+}
+
+// --- open ------------------------------------------------------------------------------------
+
+Result<std::unique_ptr<Btt>> Btt::open(Region& region, const BttOpenOptions& o) {
+  auto ns = namespace_of(region, o.offset, o.size);
+  if (!ns) return ns.status();
+  auto btt = std::unique_ptr<Btt>(new Btt());
+  btt->region_ = &region;
+
+  std::vector<std::string> notes;
+  uint64_t lba = 0;
+  Status walked = walk_arenas(
+      region, *ns, notes, !region.read_only(), [&](int index, const FoundInfo& found) -> Status {
+        const ArenaGeometry& g = found.geometry;
+        if (index == 0) {
+          btt->sector_size_ = g.external_lbasize;
+        } else if (g.external_lbasize != btt->sector_size_) {
+          return Status(EUCLEAN, "arena " + std::to_string(index) + " has sector size " +
+                                     std::to_string(g.external_lbasize) + ", arena 0 has " +
+                                     std::to_string(btt->sector_size_));
+        }
+        int log_index[2];
+        Status s = detect_log_indices(region, g, log_index);
+        if (!s) return Status(s.error(), "arena " + std::to_string(index) + ": " + s.message());
+        auto arena = std::make_unique<Arena>(*btt, region, g, log_index, lba, found.info);
+        s = arena->recover(notes, index);
+        if (!s) return s;
+        lba += g.external_nlba;
+        btt->arenas_.push_back(std::move(arena));
+        return Status::ok();
+      });
+  if (!walked) {
+    if (walked.error() == EUCLEAN) return Status(EUCLEAN, walked.message() + "; run fsck");
+    return walked;
+  }
+  btt->sector_count_ = lba;
+  btt->notes_ = std::move(notes);
+  if (region.mode() == PersistMode::writeback && !region.read_only()) {
+    // Roll-forwards and restored info blocks must be durable before new writes build on them.
+    Status s = region.flush_channel().wait();
+    if (!s) return s;
+  }
+  return btt;
+}
+
+Btt::~Btt() {
+  if (region_ == nullptr) return;
+  if (region_->mode() == PersistMode::writeback && !failed()) (void)sync_wait();
+  std::unique_lock lock(commit_mu_);
+  commit_cv_.wait(lock, [this] { return !committing_; });
+}
+
+std::vector<BttArenaInfo> Btt::arenas() const {
+  std::vector<BttArenaInfo> out;
+  for (const auto& a : arenas_) out.push_back(a->info());
+  return out;
+}
+
+Result<Btt::Locate> Btt::locate(uint64_t lba) const {
+  for (const auto& a : arenas_) {
+    if (lba >= a->first_lba() && lba - a->first_lba() < a->external_nlba()) {
+      return Locate{a.get(), uint32_t(lba - a->first_lba())};
+    }
+  }
+  return Status(EINVAL, "LBA " + std::to_string(lba) + " is beyond the " +
+                            std::to_string(sector_count_) + " sectors of the BTT");
+}
+
+// --- I/O -------------------------------------------------------------------------------------
+
+Status Btt::write(uint64_t lba, const void* data) {
+  iovec iov{const_cast<void*>(data), sector_size_};
+  return writev(lba, &iov, 1);
+}
+
+Status Btt::writev(uint64_t lba, const iovec* iov, int iovcnt) {
+  if (region_->read_only()) return Status(EROFS, "image is read-only");
+  if (failed()) return Status(EIO, "BTT is read-only after a failed flush");
+  auto at = locate(lba);
+  if (!at) return at.status();
+  return at->arena->write(at->premap, iov, iovcnt);
+}
+
+Status Btt::read(uint64_t lba, void* data) {
+  auto at = locate(lba);
+  if (!at) return at.status();
+  return at->arena->read(at->premap, data);
+}
+
+Result<Btt::ReadRef> Btt::read_ref(uint64_t lba) {
+  auto at = locate(lba);
+  if (!at) return at.status();
+  return at->arena->read_ref(at->premap);
+}
+
+Status Btt::trim(uint64_t lba) {
+  if (region_->read_only()) return Status(EROFS, "image is read-only");
+  auto at = locate(lba);
+  if (!at) return at.status();
+  return at->arena->mark(at->premap, kMapZero);
+}
+
+Status Btt::set_error(uint64_t lba) {
+  if (region_->read_only()) return Status(EROFS, "image is read-only");
+  auto at = locate(lba);
+  if (!at) return at.status();
+  return at->arena->mark(at->premap, kMapError);
+}
+
+Btt::ReadRef::ReadRef(ReadRef&& other) noexcept
+    : slot_(std::exchange(other.slot_, nullptr)), data_(std::exchange(other.data_, nullptr)) {}
+
+Btt::ReadRef& Btt::ReadRef::operator=(ReadRef&& other) noexcept {
+  if (this != &other) {
+    if (slot_ != nullptr) slot_->store(0, std::memory_order_release);
+    slot_ = std::exchange(other.slot_, nullptr);
+    data_ = std::exchange(other.data_, nullptr);
+  }
+  return *this;
+}
+
+Btt::ReadRef::~ReadRef() {
+  if (slot_ != nullptr) slot_->store(0, std::memory_order_release);
+}
+
+// --- pins ------------------------------------------------------------------------------------
+
+Status Btt::pin(uint64_t lba, uint64_t count) {
+  if (region_->read_only()) return Status(EROFS, "image is read-only");
+  for (uint64_t i = 0; i < count; ++i) {
+    auto at = locate(lba + i);
+    Status s = at ? at->arena->pin(at->premap) : at.status();
+    if (!s) {
+      (void)unpin(lba, i);
+      return s;
+    }
+  }
+  return Status::ok();
+}
+
+Status Btt::unpin(uint64_t lba, uint64_t count) {
+  for (uint64_t i = 0; i < count; ++i) {
+    auto at = locate(lba + i);
+    if (!at) return at.status();
+    at->arena->unpin(at->premap);
+  }
+  return Status::ok();
+}
+
+Result<uint64_t> Btt::pinned_offset(uint64_t lba) {
+  auto at = locate(lba);
+  if (!at) return at.status();
+  return at->arena->pinned_offset(at->premap);
+}
+
+Btt::Stats Btt::stats() const {
+  Stats s;
+  for (const auto& a : arenas_) {
+    s.writes += a->writes();
+    s.reads += a->reads();
+    s.in_place_writes += a->in_place_writes();
+  }
+  s.epochs = epochs_.load(std::memory_order_relaxed);
+  s.epoch_sectors = epoch_sectors_.load(std::memory_order_relaxed);
+  return s;
+}
+
+// --- durability ------------------------------------------------------------------------------
+
+void Btt::sync(Callback done) {
+  if (region_->mode() != PersistMode::writeback || region_->read_only()) {
+    // Every write is durable when it returns (or never will be): the channel answers at once.
+    region_->flush_channel().submit([done = std::move(done)](const Status& s) {
+      if (done) done(s);
+    });
+    return;
+  }
+  std::unique_lock lock(commit_mu_);
+  if (failed()) {
+    lock.unlock();
+    if (done) done(Status(EIO, "BTT is read-only after a failed flush"));
+    return;
+  }
+  // Even without a callback the request counts: it asks for a commit after the one in flight.
+  waiting_.push_back(done ? std::move(done) : [](const Status&) {});
+  // A commit in flight may have begun before this call's writes: they wait for the next one.
+  if (!committing_) start_commit(lock);
+}
+
+Status Btt::sync_wait() {
+  std::promise<Status> done;
+  auto result = done.get_future();
+  sync([&done](const Status& s) { done.set_value(s); });
+  return result.get();
+}
+
+void Btt::start_commit(std::unique_lock<std::mutex>& lock) {
+  committing_ = true;
+  committed_.swap(waiting_);
+  lock.unlock();
+  for (auto& a : arenas_) a->begin_commit();
+  // Epoch step 1: the data of every sector in the commit (and of in-place writes) reaches the
+  // device before anything that points at it is written.
+  region_->flush_channel().submit([this](const Status& s) { commit_flog(s); });
+}
+
+void Btt::commit_flog(const Status& flushed) {
+  if (!flushed) return finish_commit(flushed);
+  // Step 2: flog entries (and Z/E flags) after the data is durable; the flush after them makes
+  // each update one that recovery completes.
+  for (auto& a : arenas_) a->write_flog();
+  region_->flush_channel().submit([this](const Status& s) { commit_map(s); });
+}
+
+void Btt::commit_map(const Status& flushed) {
+  if (!flushed) return finish_commit(flushed);
+  // Step 3: map entries, and the old blocks go back to their lanes as free blocks. The map
+  // stores reach media with the next epoch's first flush, before any lane's next flog entry.
+  uint64_t sectors = 0;
+  for (auto& a : arenas_) sectors += a->write_map();
+  epochs_.fetch_add(1, std::memory_order_relaxed);
+  epoch_sectors_.fetch_add(sectors, std::memory_order_relaxed);
+  finish_commit(Status::ok());
+}
+
+void Btt::finish_commit(const Status& status) {
+  std::vector<Callback> done;
+  std::unique_lock lock(commit_mu_);
+  if (!status) {
+    failed_.store(true, std::memory_order_release);
+    for (auto& a : arenas_) a->lanes_returned();  // wake writers waiting for lanes: they fail
+    for (auto& cb : waiting_) committed_.push_back(std::move(cb));
+    waiting_.clear();
+  }
+  done.swap(committed_);
+  committing_ = false;
+  if (!waiting_.empty()) {
+    start_commit(lock);  // unlocks
+  } else {
+    commit_cv_.notify_all();
+    lock.unlock();
+  }
+  for (auto& cb : done) cb(status);
+}
+
+}  // namespace vpmfs
