@@ -148,8 +148,8 @@ struct CrashReplay::State {
   std::set<uint64_t> captured_units;
   std::deque<uint64_t> flush_marks;  // writeback: store_seq when each in-flight flush began
 
-  void apply(const Piece& p, std::vector<std::byte>& image) const {
-    std::memcpy(image.data() + p.off, rec->data_.data() + p.data, p.len);
+  void apply(const Piece& p, std::byte* image) const {
+    std::memcpy(image + p.off, rec->data_.data() + p.data, p.len);
   }
 
   void on_store(const CrashRecorder::Event& e) {
@@ -180,7 +180,7 @@ struct CrashReplay::State {
       if (it == pending.end()) continue;
       auto& pieces = it->second;
       for (const Piece& p : pieces) {
-        if (p.captured) apply(p, durable);
+        if (p.captured) apply(p, durable.data());
       }
       std::erase_if(pieces, [](const Piece& p) { return p.captured; });
       if (pieces.empty()) pending.erase(it);
@@ -197,7 +197,7 @@ struct CrashReplay::State {
     for (auto it = pending.begin(); it != pending.end();) {
       auto& pieces = it->second;
       for (const Piece& p : pieces) {
-        if (p.seq < mark) apply(p, durable);
+        if (p.seq < mark) apply(p, durable.data());
       }
       std::erase_if(pieces, [mark](const Piece& p) { return p.seq < mark; });
       it = pieces.empty() ? pending.erase(it) : std::next(it);
@@ -255,9 +255,15 @@ std::size_t CrashReplay::pending_stores() const {
 }
 
 std::vector<std::byte> CrashReplay::image(uint64_t seed) const {
+  std::vector<std::byte> image(state_->durable.size());
+  image_into(seed, image.data());
+  return image;
+}
+
+void CrashReplay::image_into(uint64_t seed, std::byte* image) const {
   const State& s = *state_;
   std::lock_guard lock(s.rec->mu_);
-  std::vector<std::byte> image = s.durable;
+  std::memcpy(image, s.durable.data(), s.durable.size());
   SplitMix64 rng(seed ^ (uint64_t(s.cut) * 0xD1B54A32D192ED03ull));
   // How this crash treats what is not yet durable: nothing, everything, a random selection,
   // or a prefix of each unit's stores (an eviction at some moment).
@@ -291,7 +297,7 @@ std::vector<std::byte> CrashReplay::image(uint64_t seed) const {
           while (off < end) {
             uint64_t n = std::min(end, (off / kWord + 1) * kWord) - off;
             if (rng.chance(keep_in_8, 8)) {
-              std::memcpy(image.data() + off, s.rec->data_.data() + p.data + (off - p.off), n);
+              std::memcpy(image + off, s.rec->data_.data() + p.data + (off - p.off), n);
             }
             off += n;
           }
@@ -299,7 +305,6 @@ std::vector<std::byte> CrashReplay::image(uint64_t seed) const {
         break;
     }
   }
-  return image;
 }
 
 Status write_image_file(const std::string& path, const std::vector<std::byte>& image) {

@@ -9,6 +9,8 @@
 
 #include "vpmfs/checksum.h"
 
+#include <cstddef>
+
 namespace vpmfs::btt {
 namespace {
 
@@ -205,7 +207,7 @@ Status detect_log_indices(const Region& region, const ArenaGeometry& g, int out[
 // --- arena -----------------------------------------------------------------------------------
 
 Arena::Arena(Btt& btt, Region& region, const ArenaGeometry& g, const int log_index[2],
-             uint64_t first_lba, const InfoBlock& info)
+             uint64_t first_lba, const InfoBlock& info, std::optional<uint64_t> intent_off)
     : btt_(btt),
       region_(region),
       g_(g),
@@ -215,7 +217,8 @@ Arena::Arena(Btt& btt, Region& region, const ArenaGeometry& g, const int log_ind
       writeback_(region.mode() == PersistMode::writeback),
       lanes_(g.nfree),
       stripes_(g.nfree),
-      rtt_(std::max<uint32_t>(g.nfree, 64)) {}
+      rtt_(std::max<uint32_t>(g.nfree, 64)),
+      intent_off_(intent_off) {}
 
 BttArenaInfo Arena::info() const {
   BttArenaInfo a;
@@ -311,12 +314,6 @@ Arena::Lookup Arena::lookup(uint32_t premap, Stripe& s) const {
   if (writeback_) {
     if (auto it = s.overlay.find(premap); it != s.overlay.end()) {
       return Lookup{lanes_[it->second].free, false, false};
-    }
-    if (auto it = s.marks.find(premap); it != s.marks.end()) {
-      Lookup l = lookup_media(premap);
-      l.zero = it->second.flag == kMapZero;
-      l.error = it->second.flag == kMapError;
-      return l;
     }
   }
   return lookup_media(premap);
@@ -479,11 +476,11 @@ Status Arena::write_direct(uint32_t premap, const iovec* iov, int iovcnt) {
   Lane& lane = lanes_[li];
   std::unique_lock lane_lock(lane.mu, std::adopt_lock);
 
-  // 1. Data into the lane's free block, durable before anything points at it.
+  // 1. Data into the lane's free block with non-temporal stores. The fence that makes the first
+  // flog half durable also orders these, before the second half (the sequence number) is stored.
   uint32_t block = lane.free;
   rtt_wait(block);
   copy_in(block, iov, iovcnt);
-  region_.fence();
 
   Stripe& s = stripe(premap);
   std::lock_guard map_lock(s.mu);
@@ -533,6 +530,8 @@ Status Arena::write_epoch(uint32_t premap, const iovec* iov, int iovcnt) {
   rtt_wait(lane.free);
   copy_in(lane.free, iov, iovcnt);
   region_.persist(data_off(lane.free), g_.external_lbasize);
+  uint64_t data_hash =
+      intent_off_ ? xxhash64(region_.at(data_off(lane.free)), g_.external_lbasize) : 0;
 
   Stripe& s = stripe(premap);
   std::lock_guard map_lock(s.mu);
@@ -547,20 +546,42 @@ Status Arena::write_epoch(uint32_t premap, const iovec* iov, int iovcnt) {
     in_place_.fetch_add(1, std::memory_order_relaxed);
     return Status::ok();
   }
-  if (auto it = s.overlay.find(premap); it != s.overlay.end()) {
-    // Rewritten in the same epoch: the earlier lane's block was never committed, so it is still
-    // that lane's free block and the lane can take another write.
-    Lane& earlier = lanes_[it->second];
-    if (earlier.state == LaneState::pending) {
-      earlier.state = LaneState::available;
-      avail_.push_back(it->second);
-      avail_cv_.notify_one();
-    }
-  }
-  s.marks.erase(premap);
+  uint32_t overtaken = kNoLane;
+  if (auto it = s.overlay.find(premap); it != s.overlay.end()) overtaken = it->second;
   s.overlay[premap] = li;
   lane.lba = premap;
+  // In the mapping before the write is acknowledged: a killed process leaves it in the page
+  // cache, and recovery finishes the write from it.
+  if (intent_off_) {
+    IntentRecord r{};
+    r.magic = kIntentRecordMagic;
+    r.lba = premap;
+    r.block = lane.free;
+    r.epoch = epoch_;
+    r.seq = intent_seq_.fetch_add(1, std::memory_order_relaxed);
+    r.data_hash = data_hash;
+    r.checksum = xxhash64(&r, offsetof(IntentRecord, checksum));
+    region_.write(intent_record_off(li), &r, sizeof r);
+    region_.persist(intent_record_off(li), sizeof r);
+  }
+  // Rewritten in the same epoch: the earlier lane's block was never committed, so it is still
+  // that lane's free block and the lane can take another write. Its record goes after ours is
+  // written, so that a kill in between still finds one of the two.
+  if (overtaken != kNoLane && lanes_[overtaken].state == LaneState::pending) {
+    release_pending(overtaken);
+  }
   return Status::ok();
+}
+
+void Arena::release_pending(uint32_t li) {
+  lanes_[li].state = LaneState::available;
+  if (intent_off_) {
+    // Its record must not bring the overtaken data back after a kill.
+    region_.zero(intent_record_off(li), sizeof(IntentRecord));
+    region_.persist(intent_record_off(li), sizeof(IntentRecord));
+  }
+  avail_.push_back(li);
+  avail_cv_.notify_one();
 }
 
 Status Arena::mark(uint32_t premap, uint32_t flag) {
@@ -571,22 +592,19 @@ Status Arena::mark(uint32_t premap, uint32_t flag) {
     iovec zero{const_cast<std::byte*>(kZeros), g_.external_lbasize};
     return write_in_place(premap, &zero, 1);
   }
-  if (!writeback_) {
-    Lookup l = lookup_media(premap);
-    map_write(premap, l.block | flag);
-    return Status::ok();
-  }
-  if (auto it = s.overlay.find(premap); it != s.overlay.end()) {
-    std::lock_guard avail_lock(avail_mu_);
-    Lane& earlier = lanes_[it->second];
-    if (earlier.state == LaneState::pending) {
-      earlier.state = LaneState::available;
-      avail_.push_back(it->second);
-      avail_cv_.notify_one();
+  // A flag keeps the entry's block, so this single store is safe in either crash model, in any
+  // order with the others; a commit in flight carries it over (write_map).
+  Lookup l = lookup_media(premap);
+  map_write(premap, l.block | flag);
+  if (writeback_) {
+    // Newer than any uncommitted write of this sector: drop that write. Its intent record goes
+    // only now, so that a kill before the flag is stored still finds the write.
+    if (auto it = s.overlay.find(premap); it != s.overlay.end()) {
+      std::lock_guard avail_lock(avail_mu_);
+      if (lanes_[it->second].state == LaneState::pending) release_pending(it->second);
+      s.overlay.erase(it);
     }
-    s.overlay.erase(it);
   }
-  s.marks[premap] = Mark{flag, false};
   return Status::ok();
 }
 
@@ -632,16 +650,8 @@ Result<uint64_t> Arena::pinned_offset(uint32_t premap) {
 // --- writeback epochs ------------------------------------------------------------------------
 
 bool Arena::begin_commit() {
-  for (uint32_t i = 0; i < stripes_.size(); ++i) {
-    std::lock_guard lock(stripes_[i].mu);
-    for (auto& [premap, mark] : stripes_[i].marks) {
-      if (!mark.committing) {
-        mark.committing = true;
-        commit_marks_.push_back(premap);
-      }
-    }
-  }
   std::lock_guard lock(avail_mu_);
+  committing_epoch_ = epoch_++;
   for (uint32_t i = 0; i < lanes_.size(); ++i) {
     // A lane whose writer has not yet published its update (lba unset) belongs to the next
     // epoch: its write has not returned, so this commit owes it nothing.
@@ -650,7 +660,7 @@ bool Arena::begin_commit() {
       commit_lanes_.push_back(i);
     }
   }
-  return !commit_lanes_.empty() || !commit_marks_.empty();
+  return !commit_lanes_.empty();
 }
 
 void Arena::write_flog() {
@@ -659,21 +669,16 @@ void Arena::write_flog() {
     Stripe& s = stripe(lane.lba);
     std::lock_guard lock(s.mu);
     auto it = s.overlay.find(lane.lba);
-    if (it == s.overlay.end() || it->second != li) continue;  // superseded: nothing to log
+    if (it == s.overlay.end() || it->second != li) continue;  // overtaken: nothing to log
+    lane.old_raw = map_raw(lane.lba);
     Lookup old = lookup_media(lane.lba);
     lane.old_map = old.block | (old.error ? kMapError : 0);
     flog_write(lane, li, FlogEntry{lane.lba, lane.old_map, lane.free, lane.seq});
     std::lock_guard avail_lock(avail_mu_);
     lane.state = LaneState::committed;
   }
-  for (uint32_t premap : commit_marks_) {
-    Stripe& s = stripe(premap);
-    std::lock_guard lock(s.mu);
-    auto it = s.marks.find(premap);
-    if (it == s.marks.end() || !it->second.committing) continue;
-    // A flag keeps the entry's block, so this store is safe in any order with the others.
-    map_write(premap, lookup_media(premap).block | it->second.flag);
-  }
+  // With the flog entries durable, this epoch's intent records are history.
+  if (intent_off_) write_intent_header(committing_epoch_);
 }
 
 uint64_t Arena::write_map() {
@@ -685,8 +690,12 @@ uint64_t Arena::write_map() {
     std::lock_guard avail_lock(avail_mu_);
     if (lane.state == LaneState::committed) {
       // The flog entry is durable, so recovery would make this store anyway; it reaches media
-      // with the next flush, before this lane's next flog entry can.
-      map_write(lane.lba, lane.free | kMapNormal);
+      // with the next flush, before this lane's next flog entry can. A Z or E flag set since the
+      // flog entry was written (mark) stays on the sector.
+      uint32_t now = map_raw(lane.lba);
+      uint32_t now_flags = now & kMapNormal;
+      bool marked_since = now != lane.old_raw && now_flags != kMapNormal && now_flags != 0;
+      map_write(lane.lba, lane.free | (marked_since ? now_flags : kMapNormal));
       auto it = s.overlay.find(lane.lba);
       if (it != s.overlay.end() && it->second == li) s.overlay.erase(it);
       lane.free = lane.old_map & kMapBlockMask;
@@ -697,16 +706,84 @@ uint64_t Arena::write_map() {
     lane.state = LaneState::available;
     avail_.push_back(li);
   }
-  for (uint32_t premap : commit_marks_) {
-    Stripe& s = stripe(premap);
-    std::lock_guard lock(s.mu);
-    auto it = s.marks.find(premap);
-    if (it != s.marks.end() && it->second.committing) s.marks.erase(it);
-  }
   commit_lanes_.clear();
-  commit_marks_.clear();
   lanes_returned();
   return done;
+}
+
+// --- intent log ------------------------------------------------------------------------------
+
+void Arena::init_intent_log(Region& region, uint64_t intent_off, const ArenaGeometry& g) {
+  uint64_t stride = intent_stride(g.nfree);
+  region.zero(intent_off, stride);
+  IntentHeader h{kIntentMagic, 0, g.infooff, 0};
+  h.checksum = xxhash64(&h, offsetof(IntentHeader, checksum));
+  region.write(intent_off, &h, sizeof h);
+  region.persist(intent_off, stride);
+}
+
+void Arena::write_intent_header(uint64_t committed_epoch) {
+  IntentHeader h{kIntentMagic, committed_epoch, g_.infooff, 0};
+  h.checksum = xxhash64(&h, offsetof(IntentHeader, checksum));
+  region_.write(*intent_off_, &h, sizeof h);
+  region_.persist(*intent_off_, sizeof h);
+}
+
+Result<uint32_t> Arena::recover_intents(std::vector<std::string>& notes, int arena_index) {
+  if (!intent_off_ || region_.read_only()) return 0u;
+  auto h = load<IntentHeader>(region_, *intent_off_);
+  bool header_ok = h.magic == kIntentMagic && h.arena_offset == g_.infooff &&
+                   h.checksum == xxhash64(&h, offsetof(IntentHeader, checksum));
+  if (!header_ok) {
+    notes.push_back(
+        str("arena %d: intent log header is invalid; started it afresh (writes that "
+            "were never synced may be lost)",
+            arena_index));
+    init_intent_log(region_, *intent_off_, g_);
+    return 0u;
+  }
+  struct Candidate {
+    uint32_t lane;
+    IntentRecord rec;
+  };
+  std::unordered_map<uint32_t, Candidate> newest;  // premap -> newest valid record
+  uint64_t max_epoch = h.committed_epoch;
+  uint64_t max_seq = 0;
+  for (uint32_t i = 0; i < g_.nfree; ++i) {
+    auto r = load<IntentRecord>(region_, intent_record_off(i));
+    if (r.magic != kIntentRecordMagic ||
+        r.checksum != xxhash64(&r, offsetof(IntentRecord, checksum))) {
+      continue;
+    }
+    max_epoch = std::max(max_epoch, r.epoch);
+    max_seq = std::max(max_seq, r.seq);
+    // Live only if its epoch never committed, the block is still the lane's free block, and the
+    // data there is whole (after a host crash it may not have reached the device).
+    if (r.epoch <= h.committed_epoch || r.lba >= g_.external_nlba || r.block != lanes_[i].free ||
+        xxhash64(region_.at(data_off(r.block)), g_.external_lbasize) != r.data_hash) {
+      continue;
+    }
+    auto it = newest.find(r.lba);
+    if (it == newest.end() || it->second.rec.seq < r.seq) newest[r.lba] = Candidate{i, r};
+  }
+  epoch_ = max_epoch + 1;
+  intent_seq_.store(max_seq + 1, std::memory_order_relaxed);
+  if (newest.empty()) return 0u;
+  // Copy the data out first: replaying one write may reuse another's block.
+  std::vector<std::pair<uint32_t, std::vector<std::byte>>> replay;
+  for (const auto& [premap, c] : newest) {
+    const std::byte* p = region_.at(data_off(c.rec.block));
+    replay.emplace_back(premap, std::vector<std::byte>(p, p + g_.external_lbasize));
+  }
+  for (auto& [premap, data] : replay) {
+    iovec iov{data.data(), data.size()};
+    Status s = write(premap, &iov, 1);
+    if (!s) return s;
+  }
+  if (!writeback_) write_intent_header(max_epoch);  // direct: the writes are durable already
+  notes.push_back(str("arena %d: finished %zu acknowledged writes from the intent log", arena_index,
+                      replay.size()));
+  return uint32_t(replay.size());
 }
 
 void Arena::lanes_returned() {

@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <functional>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <unordered_map>
 #include <vector>
@@ -54,11 +55,18 @@ int newer_entry(uint32_t seq0, uint32_t seq1);
 
 class Arena {
  public:
+  // intent_off: where this arena's stride of the intent log starts, if there is one.
   Arena(Btt& btt, Region& region, const ArenaGeometry& g, const int log_index[2],
-        uint64_t first_lba, const InfoBlock& info);
+        uint64_t first_lba, const InfoBlock& info, std::optional<uint64_t> intent_off);
+
+  // Writes an empty intent-log stride for an arena (format).
+  static void init_intent_log(Region& region, uint64_t intent_off, const ArenaGeometry& g);
 
   // Rebuilds the free lists from the flog and rolls interrupted updates forward.
   Status recover(std::vector<std::string>& notes, int arena_index);
+  // Puts acknowledged writes of epochs that never committed back into the overlay, to be
+  // committed by the next sync. Returns how many.
+  Result<uint32_t> recover_intents(std::vector<std::string>& notes, int arena_index);
 
   uint64_t first_lba() const { return first_lba_; }
   uint32_t external_nlba() const { return g_.external_nlba; }
@@ -73,8 +81,8 @@ class Arena {
   void unpin(uint32_t premap);
   Result<uint64_t> pinned_offset(uint32_t premap);
 
-  // Writeback epochs, driven by Btt. begin_commit() moves every pending lane and mark into the
-  // commit; write_flog() runs once their data is durable; write_map() once the flog is.
+  // Writeback epochs, driven by Btt. begin_commit() moves every pending lane into the commit;
+  // write_flog() runs once their data is durable; write_map() once the flog is.
   bool begin_commit();
   void write_flog();
   uint64_t write_map();
@@ -100,19 +108,13 @@ class Arena {
     // to and from available).
     LaneState state = LaneState::available;
     uint32_t lba = 0;      // premap of the pending update
-    uint32_t old_map = 0;  // committing: the map entry the update replaces
-  };
-
-  // A pending change that needs no lane: a Z or E flag to set on commit.
-  struct Mark {
-    uint32_t flag;
-    bool committing;
+    uint32_t old_map = 0;  // committed: the flog's old_map (the block the update frees)
+    uint32_t old_raw = 0;  // committed: the raw map entry when the flog entry was written
   };
 
   struct alignas(64) Stripe {
     std::mutex mu;
     std::unordered_map<uint32_t, uint32_t> overlay;  // premap -> lane with newer data
-    std::unordered_map<uint32_t, Mark> marks;        // premap -> pending Z/E flag
     std::unordered_map<uint32_t, uint32_t> pins;     // premap -> pin count
   };
 
@@ -138,6 +140,14 @@ class Arena {
   Lookup lookup(uint32_t premap, Stripe& s) const;  // with s.mu held
 
   void copy_in(uint32_t block, const iovec* iov, int iovcnt);
+  uint64_t intent_record_off(uint32_t lane) const {
+    return *intent_off_ + kPage + uint64_t(lane) * sizeof(IntentRecord);
+  }
+  void write_intent(uint32_t lane, uint32_t premap, uint32_t block, uint64_t epoch);
+  void clear_intent(uint32_t lane);
+  void write_intent_header(uint64_t committed_epoch);
+  // Releases an uncommitted lane whose update was overtaken (avail_mu_ held).
+  void release_pending(uint32_t lane);
   void flog_write(Lane& lane, uint32_t lane_index, const FlogEntry& e);
   void map_write(uint32_t premap, uint32_t entry);
 
@@ -168,7 +178,10 @@ class Arena {
   std::condition_variable avail_cv_;
   std::vector<uint32_t> avail_;
   std::vector<uint32_t> commit_lanes_;  // lanes in the commit in flight
-  std::vector<uint32_t> commit_marks_;  // premaps with marks in the commit in flight
+  std::optional<uint64_t> intent_off_;
+  uint64_t epoch_ = 1;             // epoch new writes join (avail_mu_)
+  uint64_t committing_epoch_ = 0;  // epoch of the commit in flight
+  std::atomic<uint64_t> intent_seq_{1};
 
   std::atomic<uint64_t> writes_{0};
   std::atomic<uint64_t> reads_{0};

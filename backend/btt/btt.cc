@@ -12,6 +12,10 @@ namespace vpmfs {
 
 using namespace btt;
 
+uint64_t Btt::intent_log_size(uint64_t namespace_size, uint32_t nfree) {
+  return plan_namespace(0, namespace_size, 4096, nfree).size() * intent_stride(nfree);
+}
+
 // --- format ----------------------------------------------------------------------------------
 
 Status Btt::format(Region& region, const BttFormatOptions& o) {
@@ -32,6 +36,18 @@ Status Btt::format(Region& region, const BttFormatOptions& o) {
   if (arenas.empty()) {
     return Status(ENOSPC, "a BTT needs at least 16 MiB for its first arena; the namespace has " +
                               std::to_string(ns->end - ns->offset) + " bytes");
+  }
+  if (o.intent_log) {
+    uint64_t need = arenas.size() * intent_stride(o.nfree);
+    uint64_t at = *o.intent_log;
+    if (at % kPage != 0 || at + need > region.size() || (at < ns->end && at + need > ns->offset)) {
+      return Status(EINVAL,
+                    "the intent log (" + std::to_string(need) +
+                        " bytes) must be 4 KiB aligned, inside the image and outside the BTT");
+    }
+    for (std::size_t i = 0; i < arenas.size(); ++i) {
+      Arena::init_intent_log(region, at + i * intent_stride(o.nfree), arenas[i]);
+    }
   }
   Uuid uuid = o.uuid;
   if (uuid == Uuid{} && getrandom(uuid.data(), uuid.size(), 0) != ssize_t(uuid.size())) {
@@ -102,7 +118,15 @@ Result<std::unique_ptr<Btt>> Btt::open(Region& region, const BttOpenOptions& o) 
         int log_index[2];
         Status s = detect_log_indices(region, g, log_index);
         if (!s) return Status(s.error(), "arena " + std::to_string(index) + ": " + s.message());
-        auto arena = std::make_unique<Arena>(*btt, region, g, log_index, lba, found.info);
+        std::optional<uint64_t> intent_off;
+        if (o.intent_log) intent_off = *o.intent_log + uint64_t(index) * intent_stride(g.nfree);
+        if (intent_off &&
+            (*intent_off + intent_stride(g.nfree) > region.size() ||
+             (*intent_off<ns->end&& * intent_off + intent_stride(g.nfree)> ns->offset))) {
+          return Status(EINVAL, "the intent log overlaps the BTT or the end of the image");
+        }
+        auto arena =
+            std::make_unique<Arena>(*btt, region, g, log_index, lba, found.info, intent_off);
         s = arena->recover(notes, index);
         if (!s) return s;
         lba += g.external_nlba;
@@ -114,6 +138,17 @@ Result<std::unique_ptr<Btt>> Btt::open(Region& region, const BttOpenOptions& o) 
     return walked;
   }
   btt->sector_count_ = lba;
+  // Acknowledged writes whose epoch never committed (the process was killed) go back in.
+  uint32_t replayed = 0;
+  for (std::size_t i = 0; i < btt->arenas_.size(); ++i) {
+    auto n = btt->arenas_[i]->recover_intents(notes, int(i));
+    if (!n) return n.status();
+    replayed += *n;
+  }
+  if (replayed > 0 && region.mode() == PersistMode::writeback) {
+    Status s = btt->sync_wait();
+    if (!s) return s;
+  }
   btt->notes_ = std::move(notes);
   if (region.mode() == PersistMode::writeback && !region.read_only()) {
     // Roll-forwards and restored info blocks must be durable before new writes build on them.

@@ -75,6 +75,39 @@ inline uint32_t next_seq(uint32_t seq) {
   return kNext[seq & 3];
 }
 
+// The intent log (vpmfs's own, outside the BTT namespace; writeback regions only). Per arena one
+// stride: a 4 KiB header page, then one 64-byte record per lane. A record says "this lane's free
+// block holds new data for this LBA, not yet committed"; it lets recovery finish writes that
+// were acknowledged but whose epoch never committed (a killed process), and its data hash tells
+// whole data from a torn block after a host crash.
+inline constexpr uint64_t kIntentMagic = 0x544E45544E494D50ull;  // "PMINTENT"
+inline constexpr uint32_t kIntentRecordMagic = 0x52544E49;       // "INTR"
+
+struct IntentHeader {
+  uint64_t magic;            // kIntentMagic
+  uint64_t committed_epoch;  // records of this epoch or older are history
+  uint64_t arena_offset;     // infooff of the arena this stride belongs to
+  uint64_t checksum;         // xxhash64 of the 24 bytes above
+};
+static_assert(sizeof(IntentHeader) == 32);
+
+struct IntentRecord {
+  uint32_t magic;      // kIntentRecordMagic
+  uint32_t lba;        // premap LBA written
+  uint32_t block;      // the lane's free block holding the data
+  uint32_t flags;      // 0
+  uint64_t epoch;      // epoch the write belongs to
+  uint64_t seq;        // order of writes within the arena: the highest wins
+  uint64_t data_hash;  // xxhash64 of the sector's data
+  uint8_t reserved[16];
+  uint64_t checksum;  // xxhash64 of the 56 bytes above
+};
+static_assert(sizeof(IntentRecord) == 64);
+
+inline uint64_t intent_stride(uint32_t nfree) {
+  return kPage + (uint64_t(nfree) * sizeof(IntentRecord) + kPage - 1) / kPage * kPage;
+}
+
 // Offsets of one arena, absolute in the region.
 struct ArenaGeometry {
   uint64_t infooff = 0;

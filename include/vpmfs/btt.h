@@ -17,6 +17,7 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -43,13 +44,18 @@ struct BttFormatOptions {
   uint16_t version_major = 2;
   uint16_t version_minor = 0;
   bool padded_flog = false;
+  // Region offset of the intent log (see intent_log_size); empty: none. Without one, writes on a
+  // writeback region that were acknowledged but not yet synced do not survive a killed process
+  // (they still never tear).
+  std::optional<uint64_t> intent_log;
   // Called now and then with bytes done / total while the map is written.
   std::function<void(uint64_t, uint64_t)> progress;
 };
 
 struct BttOpenOptions {
   uint64_t offset = 0;
-  uint64_t size = 0;  // 0: to the end of the region
+  uint64_t size = 0;                   // 0: to the end of the region
+  std::optional<uint64_t> intent_log;  // as formatted
 };
 
 // Geometry and state of one arena, for tools.
@@ -85,6 +91,8 @@ class Btt {
     uint64_t epoch_sectors = 0;    // writeback: sector updates committed
   };
 
+  // Bytes the intent log of a namespace of `namespace_size` bytes needs.
+  static uint64_t intent_log_size(uint64_t namespace_size, uint32_t nfree = 256);
   // Writes a fresh BTT (all sectors read as zeros... of an identity-mapped, zero-filled image).
   static Status format(Region& region, const BttFormatOptions& options);
   // Opens a BTT, validating its info blocks (falling back to the backups), rebuilding the free

@@ -92,6 +92,8 @@ class CrashReplay {
   std::size_t cut() const;
   // The image for this seed at the current cut.
   std::vector<std::byte> image(uint64_t seed) const;
+  // The same, written over dst (region_size() bytes), e.g. straight into another region.
+  void image_into(uint64_t seed, std::byte* dst) const;
   // Count of stores that may or may not survive at the current cut.
   std::size_t pending_stores() const;
 

@@ -1,0 +1,233 @@
+// Crash torture: a sector workload recorded by the crash simulator, then crashed at thousands
+// of points under both crash models. After every crash the BTT must open (recovering on its
+// own), check clean, and show every sector untorn, holding either the content it had when the
+// crash point was last guaranteed durable or a newer one written before the crash.
+//
+// VPMFS_CRASH_SCALE multiplies the number of crash points (the soak run uses 20).
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <set>
+
+#include <gtest/gtest.h>
+
+#include "test_util.h"
+#include "vpmfs/btt.h"
+#include "vpmfs/crash_sim.h"
+#include "vpmfs/random.h"
+
+namespace vpmfs {
+namespace {
+
+using test::TempPath;
+
+// The intent log in the first 64 KiB, then one minimum-size arena.
+constexpr uint64_t kBttOffset = 64 << 10;
+constexpr uint64_t kSize = kBttOffset + (16 << 20);
+
+BttFormatOptions format_options() {
+  BttFormatOptions o;
+  o.offset = kBttOffset;
+  o.intent_log = 0;
+  return o;
+}
+
+BttOpenOptions open_options() {
+  BttOpenOptions o;
+  o.offset = kBttOffset;
+  o.intent_log = 0;
+  return o;
+}
+constexpr uint64_t kLbas = 48;
+constexpr uint64_t kZeroVersion = ~0ull;
+
+uint64_t scale() {
+  const char* s = std::getenv("VPMFS_CRASH_SCALE");
+  return s != nullptr ? std::max<uint64_t>(1, std::strtoull(s, nullptr, 10)) : 1;
+}
+
+void fill(std::vector<uint64_t>& buf, uint64_t lba, uint64_t version) {
+  for (std::size_t i = 0; i < buf.size(); ++i) buf[i] = (lba << 40) ^ (version << 8) ^ i;
+}
+
+// The version a sector holds, kZeroVersion for zeros, or nullopt if it is torn.
+std::optional<uint64_t> version_of(const std::vector<uint64_t>& buf, uint64_t lba) {
+  bool zero = true;
+  for (uint64_t w : buf) zero &= w == 0;
+  if (zero) return kZeroVersion;
+  uint64_t v = (buf[0] ^ (lba << 40)) >> 8;
+  for (std::size_t i = 0; i < buf.size(); ++i) {
+    if (buf[i] != ((lba << 40) ^ (v << 8) ^ i)) return std::nullopt;
+  }
+  return v;
+}
+
+struct Update {
+  uint64_t lba;
+  uint64_t version;     // kZeroVersion for a trim
+  std::size_t started;  // events before the call
+  std::size_t durable;  // events by which it is guaranteed durable (SIZE_MAX: never)
+};
+
+struct Recording {
+  std::unique_ptr<CrashRecorder> recorder;
+  std::vector<Update> updates;
+};
+
+std::unique_ptr<Region> open_region(const std::string& path, PersistMode mode) {
+  RegionOptions o;
+  o.create_size = kSize;
+  o.mode = mode;
+  o.force_persistent = true;
+  auto r = Region::open(path, o);
+  EXPECT_TRUE(r) << r.status().to_string();
+  return std::move(r.value());
+}
+
+// Writes, rewrites and trims sectors; in writeback mode a sync every few updates.
+Recording record(Region& region, PersistMode mode, uint64_t updates, uint64_t seed) {
+  EXPECT_TRUE(Btt::format(region, format_options()));
+  auto btt = Btt::open(region, open_options());
+  EXPECT_TRUE(btt) << btt.status().to_string();
+  std::vector<uint64_t> buf(4096 / 8);
+  for (uint64_t lba = 0; lba < kLbas; ++lba) {
+    fill(buf, lba, 0);
+    EXPECT_TRUE((*btt)->write(lba, buf.data()));
+  }
+  EXPECT_TRUE((*btt)->sync_wait());
+
+  Recording rec;
+  rec.recorder = std::make_unique<CrashRecorder>(region);
+  CrashRecorder& r = *rec.recorder;
+  SplitMix64 rng(seed);
+  std::size_t unsynced = 0;
+  for (uint64_t i = 1; i <= updates; ++i) {
+    uint64_t lba = rng.below(kLbas);
+    Update u{lba, i, r.events(), SIZE_MAX};
+    if (rng.chance(1, 16)) {
+      u.version = kZeroVersion;
+      EXPECT_TRUE((*btt)->trim(lba));
+    } else {
+      fill(buf, lba, i);
+      EXPECT_TRUE((*btt)->write(lba, buf.data()));
+    }
+    if (mode == PersistMode::direct) u.durable = r.events();
+    rec.updates.push_back(u);
+    ++unsynced;
+    if (mode == PersistMode::writeback && (rng.chance(1, 6) || i == updates)) {
+      EXPECT_TRUE((*btt)->sync_wait());
+      for (std::size_t k = rec.updates.size() - unsynced; k < rec.updates.size(); ++k) {
+        rec.updates[k].durable = r.events();
+      }
+      unsynced = 0;
+    }
+  }
+  rec.recorder->detach();
+  return rec;
+}
+
+// Checks one crashed image, already in `crashed`. Returns a description of the first failure.
+std::string verify(Region& crashed, const std::vector<Update>& updates, std::size_t cut) {
+  auto btt = Btt::open(crashed, open_options());
+  if (!btt) return "open failed: " + btt.status().to_string();
+  std::vector<uint64_t> buf(4096 / 8);
+  for (uint64_t lba = 0; lba < kLbas; ++lba) {
+    // What the sector may hold: the newest update known durable at the cut (or the initial
+    // version 0), or any newer update that had started before the cut.
+    std::set<uint64_t> allowed = {0};
+    for (const Update& u : updates) {
+      if (u.lba != lba) continue;
+      if (u.durable <= cut)
+        allowed = {u.version};
+      else if (u.started < cut)
+        allowed.insert(u.version);
+    }
+    Status s = (*btt)->read(lba, buf.data());
+    if (!s) return "read of LBA " + std::to_string(lba) + " failed: " + s.to_string();
+    auto v = version_of(buf, lba);
+    if (!v) return "LBA " + std::to_string(lba) + " is torn";
+    if (allowed.count(*v) == 0) {
+      std::string a;
+      for (uint64_t x : allowed) a += (x == kZeroVersion ? "zero" : std::to_string(x)) + " ";
+      return "LBA " + std::to_string(lba) + " holds version " +
+             (*v == kZeroVersion ? "zero" : std::to_string(*v)) + ", allowed: " + a;
+    }
+  }
+  btt->reset();
+  auto report = btt_check(crashed, open_options(), false);
+  if (!report) return "check failed: " + report.status().to_string();
+  if (!report->clean()) return "check after recovery: " + report->problems.front();
+  return "";
+}
+
+uint64_t crash_everywhere(PersistMode mode, CrashModel model, uint64_t updates, uint64_t seeds,
+                          uint64_t seed) {
+  TempPath path("crash-src.img");
+  TempPath target("crash-dst.img");
+  auto region = open_region(path, mode);
+  Recording rec = record(*region, mode, updates, seed);
+  // Crashed images are opened as direct regions: recovery does not depend on the model.
+  auto crashed = open_region(target, PersistMode::direct);
+  CrashReplay replay(*rec.recorder, model);
+  uint64_t points = 0;
+  for (std::size_t cut = 0; cut <= rec.recorder->events(); ++cut) {
+    replay.advance_to(cut);
+    for (uint64_t k = 0; k < seeds; ++k) {
+      uint64_t crash_seed = seed * 1000003 + cut * 31 + k;
+      replay.image_into(crash_seed, crashed->base());
+      std::string failure = verify(*crashed, rec.updates, cut);
+      ++points;
+      if (!failure.empty()) {
+        ADD_FAILURE() << to_string(model) << " crash at cut " << cut << " of "
+                      << rec.recorder->events() << " (seed " << crash_seed << "): " << failure;
+        return points;
+      }
+    }
+  }
+  return points;
+}
+
+TEST(BttCrash, DirectModelEveryEvent) {
+  uint64_t points = 0;
+  for (uint64_t run = 0; run < scale(); ++run) {
+    points += crash_everywhere(PersistMode::direct, CrashModel::direct, 160, 3, 11 + run);
+  }
+  std::printf("direct model: %llu crash points\n", (unsigned long long)points);
+  EXPECT_GE(points, 5000u * scale());
+}
+
+TEST(BttCrash, WritebackModelEveryEvent) {
+  uint64_t points = 0;
+  for (uint64_t run = 0; run < scale(); ++run) {
+    points += crash_everywhere(PersistMode::writeback, CrashModel::writeback, 300, 2, 23 + run);
+  }
+  std::printf("writeback model: %llu crash points\n", (unsigned long long)points);
+  EXPECT_GE(points, 5000u * scale());
+}
+
+TEST(BttCrash, KilledProcessKeepsEveryReturnedWrite) {
+  // A process kill loses no store: every update that returned must be there, sync or not.
+  TempPath path("crash-kill.img");
+  TempPath target("crash-kill-dst.img");
+  for (PersistMode mode : {PersistMode::direct, PersistMode::writeback}) {
+    auto region = open_region(path, mode);
+    Recording rec = record(*region, mode, 300, 99);
+    auto crashed = open_region(target, PersistMode::direct);
+    for (std::size_t cut = 0; cut <= rec.recorder->events(); cut += 7) {
+      auto image = rec.recorder->prefix_image(cut);
+      std::memcpy(crashed->base(), image.data(), image.size());
+      std::vector<Update> returned = rec.updates;
+      // Under a kill a returned update is as good as durable once its call ended; approximate
+      // the end by the next update's start.
+      for (std::size_t k = 0; k + 1 < returned.size(); ++k) {
+        if (mode == PersistMode::writeback) returned[k].durable = returned[k + 1].started;
+      }
+      std::string failure = verify(*crashed, returned, cut);
+      ASSERT_TRUE(failure.empty()) << to_string(mode) << " kill at cut " << cut << ": " << failure;
+    }
+    region.reset();
+  }
+}
+
+}  // namespace
+}  // namespace vpmfs
