@@ -26,6 +26,7 @@ run_build() {  # name, cmake options...
 }
 
 run_build release -DCMAKE_BUILD_TYPE=Release -DVPMFS_WERROR=ON || status=1
+# clang, so that the libFuzzer targets build and run here too.
 run_build asan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DVPMFS_WERROR=ON -DVPMFS_SANITIZE=ON \
-  -DVPMFS_BENCHMARKS=OFF || status=1
+  -DVPMFS_BENCHMARKS=OFF -DCMAKE_CXX_COMPILER=clang++ || status=1
 exit $status
