@@ -1,0 +1,742 @@
+#include "volume.h"
+
+#include <dirent.h>
+#include <linux/fs.h>
+#include <sys/random.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstring>
+#include <future>
+
+#include "vpmfs/checksum.h"
+
+namespace vpmfs {
+
+using namespace fsfmt;
+
+namespace {
+
+constexpr uint64_t kCommitIntervalMs = 5000;
+
+Timestamp now() {
+  timespec t;
+  clock_gettime(CLOCK_REALTIME, &t);
+  return Timestamp{t.tv_sec, uint32_t(t.tv_nsec)};
+}
+
+uint64_t inode_checksum(const Inode& inode, uint64_t ino) {
+  Inode copy = inode;
+  copy.checksum = 0;
+  return xxhash64(&copy, sizeof copy, ino);
+}
+
+uint64_t super_checksum(const Superblock& sb) {
+  Superblock copy = sb;
+  copy.checksum = 0;
+  return xxhash64(&copy, sizeof copy);
+}
+
+uint64_t header_checksum(const ImageHeader& h) {
+  ImageHeader copy = h;
+  copy.checksum = 0;
+  return xxhash64(&copy, sizeof copy);
+}
+
+uint64_t ceil_div(uint64_t a, uint64_t b) {
+  return (a + b - 1) / b;
+}
+
+}  // namespace
+
+struct stat Attr::to_stat(uint32_t block_size) const {
+  struct stat st {};
+  st.st_ino = ino;
+  st.st_mode = mode;
+  st.st_nlink = nlink;
+  st.st_uid = uid;
+  st.st_gid = gid;
+  st.st_rdev = rdev;
+  st.st_size = off_t(size);
+  st.st_blocks = blkcnt_t(blocks);
+  st.st_blksize = blksize_t(block_size);
+  st.st_atim = atime;
+  st.st_mtim = mtime;
+  st.st_ctim = ctime;
+  return st;
+}
+
+// --- mkfs ------------------------------------------------------------------------------------
+
+Status Volume::mkfs(const std::string& image, const MkfsOptions& o) {
+  if (o.sector_size != 512 && o.sector_size != 4096) {
+    return Status(EINVAL, "sector size must be 512 or 4096");
+  }
+  if (o.label.size() >= 64) return Status(EINVAL, "label longer than 63 bytes");
+  if (o.size != 0) {
+    // Create it sparse, or resize an existing image file to the size asked for.
+    struct stat st {};
+    if (::stat(image.c_str(), &st) == 0 && S_ISREG(st.st_mode) && uint64_t(st.st_size) != o.size &&
+        ::truncate(image.c_str(), off_t(o.size)) != 0) {
+      return errno_status("cannot resize " + image);
+    }
+  }
+  RegionOptions ro;
+  ro.create_size = o.size;
+  ro.force_persistent = o.force_persistent;
+  auto region = Region::open(image, ro);
+  if (!region) return region.status();
+  Region& r = **region;
+  uint64_t image_size = r.size();
+  uint64_t intent = Btt::intent_log_size(image_size, o.lanes);
+  uint64_t btt_offset = ceil_div(kIntentLogOffset + intent, kBttAlign) * kBttAlign;
+  if (image_size < btt_offset + (17 << 20)) {
+    return Status(ENOSPC, "image of " + std::to_string(image_size) +
+                              " bytes is too small: vpmfs needs at least " +
+                              std::to_string((btt_offset + (17 << 20)) >> 20) + " MiB");
+  }
+  // No valid header while the rest is being written: an interrupted mkfs leaves no volume.
+  r.zero(0, kImageHeaderSize);
+  r.persist(0, kImageHeaderSize);
+
+  Uuid uuid{};
+  if (o.uuid) {
+    uuid = *o.uuid;
+  } else if (getrandom(uuid.data(), uuid.size(), 0) != ssize_t(uuid.size())) {
+    return errno_status("cannot make a random uuid");
+  }
+  if (o.progress) o.progress("btt", 0, 1);
+  BttFormatOptions bo;
+  bo.sector_size = o.sector_size;
+  bo.nfree = o.lanes;
+  bo.uuid = uuid;
+  bo.offset = btt_offset;
+  bo.intent_log = kIntentLogOffset;
+  if (o.progress) bo.progress = [&](uint64_t d, uint64_t t) { o.progress("btt map", d, t); };
+  if (Status s = Btt::format(r, bo); !s) return s;
+  BttOpenOptions oo;
+  oo.offset = btt_offset;
+  oo.intent_log = kIntentLogOffset;
+  auto btt = Btt::open(r, oo);
+  if (!btt) return btt.status();
+  Btt& b = **btt;
+
+  const uint32_t bs = b.sector_size();
+  const uint64_t n = b.sector_count();
+  Superblock sb{};
+  sb.magic = kSuperMagic;
+  sb.version = kFsVersion;
+  sb.block_size = bs;
+  sb.block_count = n;
+  uint64_t per_block = bs / kInodeSize;
+  sb.inode_count =
+      std::max<uint64_t>(per_block * 4, image_size / std::max<uint64_t>(o.inode_ratio, 4096));
+  sb.inode_count = ceil_div(sb.inode_count, per_block) * per_block;
+  sb.journal_start = 1;
+  sb.journal_blocks = std::clamp<uint64_t>(n / 64, 64, bs == 512 ? 16384 : 4096);
+  sb.block_bitmap_start = sb.journal_start + sb.journal_blocks;
+  sb.block_bitmap_blocks = ceil_div(n, uint64_t(bs) * 8);
+  sb.inode_bitmap_start = sb.block_bitmap_start + sb.block_bitmap_blocks;
+  sb.inode_bitmap_blocks = ceil_div(sb.inode_count, uint64_t(bs) * 8);
+  sb.inode_table_start = sb.inode_bitmap_start + sb.inode_bitmap_blocks;
+  sb.inode_table_blocks = sb.inode_count / per_block;
+  sb.data_start = sb.inode_table_start + sb.inode_table_blocks;
+  if (sb.data_start + 16 > n) return Status(ENOSPC, "image too small for its metadata");
+  std::memcpy(sb.uuid, uuid.data(), 16);
+  std::memcpy(sb.label, o.label.data(), o.label.size());
+  sb.created_sec = now().sec;
+  sb.dax_default = 2;
+
+  std::vector<std::byte> block(bs);
+  // An empty journal: no valid descriptor.
+  if (Status s = b.write(sb.journal_start, block.data()); !s) return s;
+  // Bitmaps: the metadata blocks are in use; inode 0 is never used, inode 1 is the root.
+  for (uint64_t i = 0; i < sb.block_bitmap_blocks; ++i) {
+    std::fill(block.begin(), block.end(), std::byte{0});
+    for (uint64_t bit = 0; bit < uint64_t(bs) * 8; ++bit) {
+      uint64_t lba = i * bs * 8 + bit;
+      if (lba < sb.data_start || lba >= n) block[bit / 8] |= std::byte(1u << (bit % 8));
+    }
+    if (Status s = b.write(sb.block_bitmap_start + i, block.data()); !s) return s;
+    if (o.progress) o.progress("bitmaps", i + 1, sb.block_bitmap_blocks);
+  }
+  for (uint64_t i = 0; i < sb.inode_bitmap_blocks; ++i) {
+    std::fill(block.begin(), block.end(), std::byte{0});
+    for (uint64_t bit = 0; bit < uint64_t(bs) * 8; ++bit) {
+      uint64_t ino = i * bs * 8 + bit;
+      if (ino <= kRootIno || ino >= sb.inode_count) block[bit / 8] |= std::byte(1u << (bit % 8));
+    }
+    if (Status s = b.write(sb.inode_bitmap_start + i, block.data()); !s) return s;
+  }
+  // The root directory. Its inode table block is written whole; free inodes in it are zero.
+  std::fill(block.begin(), block.end(), std::byte{0});
+  Inode root{};
+  root.mode = S_IFDIR | 0755;
+  root.nlink = 2;
+  root.uid = getuid();
+  root.gid = getgid();
+  set_times(root, now(), kAtime | kMtime | kCtime | kBtime);
+  root.parent = kRootIno;
+  root.generation = 1;
+  root.checksum = inode_checksum(root, kRootIno);
+  uint64_t root_lba = sb.inode_table_start + kRootIno * kInodeSize / bs;
+  std::memcpy(block.data() + kRootIno * kInodeSize % bs, &root, sizeof root);
+  if (Status s = b.write(root_lba, block.data()); !s) return s;
+  std::fill(block.begin(), block.end(), std::byte{0});
+  sb.checksum = super_checksum(sb);
+  std::memcpy(block.data(), &sb, sizeof sb);
+  if (Status s = b.write(0, block.data()); !s) return s;
+  if (Status s = b.sync_wait(); !s) return s;
+  btt->reset();
+
+  // Last, the image header: from now on this is a vpmfs image.
+  ImageHeader h{};
+  std::memcpy(h.magic, kImageMagic, sizeof h.magic);
+  h.version = kImageVersion;
+  h.header_size = kImageHeaderSize;
+  h.image_size = image_size;
+  h.intent_log_offset = kIntentLogOffset;
+  h.intent_log_size = intent;
+  h.btt_offset = btt_offset;
+  h.btt_size = image_size - btt_offset;
+  std::memcpy(h.uuid, uuid.data(), 16);
+  std::memcpy(h.label, o.label.data(), o.label.size());
+  h.created_sec = sb.created_sec;
+  h.sector_size = bs;
+  h.lanes = o.lanes;
+  h.checksum = header_checksum(h);
+  r.write(0, &h, sizeof h);
+  r.persist(0, sizeof h);
+  return r.flush_channel().wait();
+}
+
+// --- mount -----------------------------------------------------------------------------------
+
+Result<std::unique_ptr<Volume>> Volume::mount(const std::string& image, const MountOptions& o) {
+  return VolumeImpl::open(image, o);
+}
+
+Result<std::unique_ptr<Volume>> VolumeImpl::open(const std::string& image, const MountOptions& o) {
+  auto v = std::unique_ptr<VolumeImpl>(new VolumeImpl());
+  if (Status s = v->load(image, o); !s) return s;
+  v->committer_ = std::thread([p = v.get()] { p->committer(); });
+  return std::unique_ptr<Volume>(std::move(v));
+}
+
+Status VolumeImpl::load(const std::string& image, const MountOptions& o) {
+  RegionOptions ro;
+  ro.mode = o.mode;
+  ro.force_persistent = o.force_persistent;
+  ro.read_only = o.read_only;
+  read_only_ = o.read_only;
+  auto region = Region::open(image, ro);
+  if (!region) return region.status();
+  region_ = std::move(region.value());
+  Region& r = *region_;
+  if (r.size() < kImageHeaderSize)
+    return Status(EINVAL, image + " is not a vpmfs image (too small)");
+  ImageHeader h;
+  std::memcpy(&h, r.at(0), sizeof h);
+  if (std::memcmp(h.magic, kImageMagic, sizeof h.magic) != 0) {
+    return Status(EINVAL, image + " is not a vpmfs image (no VPMFSIMG header; run mkfs.vpmfs)");
+  }
+  if (h.checksum != header_checksum(h)) {
+    return Status(EUCLEAN, image + ": image header checksum mismatch; run fsck.vpmfs");
+  }
+  if (h.version != kImageVersion) {
+    return Status(EINVAL, image + ": unsupported image version " + std::to_string(h.version));
+  }
+  if (h.btt_offset % 4096 != 0 || h.btt_offset > r.size() || h.btt_size > r.size() - h.btt_offset ||
+      h.intent_log_offset + h.intent_log_size > h.btt_offset) {
+    return Status(EUCLEAN, image + ": image header describes a layout beyond the image (" +
+                               std::to_string(r.size()) + " bytes; truncated?)");
+  }
+  BttOpenOptions bo;
+  bo.offset = h.btt_offset;
+  bo.size = h.btt_size;
+  bo.intent_log = h.intent_log_offset;
+  auto btt = Btt::open(r, bo);
+  if (!btt) return btt.status();
+  btt_ = std::move(btt.value());
+  bs_ = btt_->sector_size();
+
+  std::vector<std::byte> block(bs_);
+  if (Status s = btt_->read(0, block.data()); !s) return s;
+  std::memcpy(&sb_, block.data(), sizeof sb_);
+  if (sb_.magic != kSuperMagic) return Status(EUCLEAN, image + ": no filesystem superblock");
+  if (sb_.checksum != super_checksum(sb_)) {
+    return Status(EUCLEAN, image + ": superblock checksum mismatch; run fsck.vpmfs");
+  }
+  const uint64_t n = btt_->sector_count();
+  bool sane = sb_.version == kFsVersion && sb_.block_size == bs_ && sb_.block_count == n &&
+              sb_.journal_start == 1 && sb_.journal_blocks >= 8 &&
+              sb_.block_bitmap_start == sb_.journal_start + sb_.journal_blocks &&
+              sb_.block_bitmap_blocks == ceil_div(n, uint64_t(bs_) * 8) &&
+              sb_.inode_bitmap_start == sb_.block_bitmap_start + sb_.block_bitmap_blocks &&
+              sb_.inode_count > kRootIno && sb_.inode_count % (bs_ / kInodeSize) == 0 &&
+              sb_.inode_bitmap_blocks == ceil_div(sb_.inode_count, uint64_t(bs_) * 8) &&
+              sb_.inode_table_start == sb_.inode_bitmap_start + sb_.inode_bitmap_blocks &&
+              sb_.inode_table_blocks == sb_.inode_count / (bs_ / kInodeSize) &&
+              sb_.data_start == sb_.inode_table_start + sb_.inode_table_blocks &&
+              sb_.data_start < n && sb_.orphan_head < sb_.inode_count;
+  if (!sane)
+    return Status(EUCLEAN, image + ": superblock geometry is inconsistent; run fsck.vpmfs");
+  if (!read_only_) {
+    if (Status s = replay_journal(); !s) return s;
+  }
+  if (Status s = load_bitmaps(); !s) return s;
+  if (!read_only_) {
+    if (Status s = free_orphans(); !s) return s;
+  }
+  return Status::ok();
+}
+
+Status VolumeImpl::replay_journal() {
+  std::vector<std::byte> block(bs_);
+  if (Status s = btt_->read(sb_.journal_start, block.data()); !s) return s;
+  JournalDescriptor d;
+  std::memcpy(&d, block.data(), sizeof d);
+  if (d.magic != kJournalMagic ||
+      d.header_checksum != xxhash64(&d, offsetof(JournalDescriptor, header_checksum))) {
+    return Status::ok();  // empty journal
+  }
+  uint64_t desc_blocks = ceil_div(sizeof d + d.count * 8, bs_);
+  if (d.count == 0 || desc_blocks + d.count > sb_.journal_blocks) {
+    return Status(EUCLEAN, "journal descriptor is damaged (count " + std::to_string(d.count) + ")");
+  }
+  sequence_ = d.sequence;
+  std::vector<std::byte> desc(desc_blocks * bs_);
+  for (uint64_t i = 0; i < desc_blocks; ++i) {
+    if (Status s = btt_->read(sb_.journal_start + i, desc.data() + i * bs_); !s) return s;
+  }
+  std::vector<uint64_t> lbas(d.count);
+  std::memcpy(lbas.data(), desc.data() + sizeof d, d.count * 8);
+  std::vector<std::byte> images(d.count * bs_);
+  uint64_t sum = xxhash64(lbas.data(), lbas.size() * 8, d.sequence);
+  for (uint64_t i = 0; i < d.count; ++i) {
+    std::byte* img = images.data() + i * bs_;
+    if (Status s = btt_->read(sb_.journal_start + desc_blocks + i, img); !s) return s;
+    sum = xxhash64(img, bs_, sum);
+  }
+  // A transaction whose images did not all reach the journal never committed: nothing of it
+  // was written home either.
+  if (sum != d.checksum) return Status::ok();
+  for (uint64_t i = 0; i < d.count; ++i) {
+    if (lbas[i] >= sb_.block_count ||
+        (lbas[i] >= sb_.journal_start && lbas[i] < sb_.journal_start + sb_.journal_blocks)) {
+      return Status(EUCLEAN, "journal names block " + std::to_string(lbas[i]) + " out of range");
+    }
+  }
+  for (uint64_t i = 0; i < d.count; ++i) {
+    if (Status s = btt_->write(lbas[i], images.data() + i * bs_); !s) return s;
+  }
+  if (lbas.end() != std::find(lbas.begin(), lbas.end(), 0)) {
+    std::memcpy(&sb_, images.data() + (std::find(lbas.begin(), lbas.end(), 0) - lbas.begin()) * bs_,
+                sizeof sb_);
+  }
+  return btt_->sync_wait();
+}
+
+Status VolumeImpl::load_bitmaps() {
+  std::vector<std::byte> block(bs_);
+  block_used_.assign(sb_.block_count, true);
+  free_blocks_ = 0;
+  for (uint64_t i = 0; i < sb_.block_bitmap_blocks; ++i) {
+    if (Status s = btt_->read(sb_.block_bitmap_start + i, block.data()); !s) return s;
+    for (uint64_t bit = 0; bit < uint64_t(bs_) * 8; ++bit) {
+      uint64_t lba = i * bs_ * 8 + bit;
+      if (lba >= sb_.block_count) break;
+      bool used = (uint8_t(block[bit / 8]) >> (bit % 8)) & 1;
+      if (lba < sb_.data_start) used = true;
+      block_used_[lba] = used;
+      free_blocks_ += used ? 0 : 1;
+    }
+  }
+  inode_used_.assign(sb_.inode_count, true);
+  free_inodes_ = 0;
+  for (uint64_t i = 0; i < sb_.inode_bitmap_blocks; ++i) {
+    if (Status s = btt_->read(sb_.inode_bitmap_start + i, block.data()); !s) return s;
+    for (uint64_t bit = 0; bit < uint64_t(bs_) * 8; ++bit) {
+      uint64_t ino = i * bs_ * 8 + bit;
+      if (ino >= sb_.inode_count) break;
+      bool used = ((uint8_t(block[bit / 8]) >> (bit % 8)) & 1) || ino <= kRootIno;
+      inode_used_[ino] = used;
+      free_inodes_ += used ? 0 : 1;
+    }
+  }
+  block_hint_ = sb_.data_start;
+  inode_hint_ = kRootIno + 1;
+  return Status::ok();
+}
+
+Status VolumeImpl::free_orphans() {
+  // Inodes unlinked while open when the volume went down: nothing refers to them any more.
+  Lock lock(mu_);
+  uint64_t ino = sb_.orphan_head;
+  uint64_t guard = 0;
+  while (ino != 0 && guard++ < sb_.inode_count) {
+    auto inode = iget(ino);
+    if (!inode) return inode.status();
+    uint64_t next = inode->next_orphan;
+    if (Status s = truncate_blocks(*inode, 0); !s) return s;
+    ifree(ino);
+    ino = next;
+  }
+  if (sb_.orphan_head != 0) {
+    sb_.orphan_head = 0;
+    sb_.checksum = super_checksum(sb_);
+    std::memcpy(meta_mut(0), &sb_, sizeof sb_);
+    lock.unlock();
+    return commit();
+  }
+  return Status::ok();
+}
+
+VolumeImpl::~VolumeImpl() {
+  if (committer_.joinable()) {
+    {
+      std::lock_guard lock(commit_mu_);
+      stopping_ = true;
+      commit_cv_.notify_all();
+    }
+    committer_.join();
+  }
+}
+
+// --- metadata cache and transactions ---------------------------------------------------------
+
+const std::byte* VolumeImpl::meta(uint64_t lba) {
+  auto it = cache_.find(lba);
+  if (it != cache_.end()) return it->second.get();
+  auto buf = std::make_unique<std::byte[]>(bs_);
+  if (!btt_->read(lba, buf.get())) std::memset(buf.get(), 0, bs_);
+  return cache_.emplace(lba, std::move(buf)).first->second.get();
+}
+
+std::byte* VolumeImpl::meta_mut(uint64_t lba) {
+  const std::byte* p = meta(lba);
+  dirty_.insert(lba);
+  return const_cast<std::byte*>(p);
+}
+
+std::byte* VolumeImpl::meta_new(uint64_t lba) {
+  auto& slot = cache_[lba];
+  if (!slot) slot = std::make_unique<std::byte[]>(bs_);
+  std::memset(slot.get(), 0, bs_);
+  dirty_.insert(lba);
+  return slot.get();
+}
+
+void VolumeImpl::throttle(Lock& lock) {
+  // Keep every transaction well inside the journal.
+  uint64_t limit = (sb_.journal_blocks - 1) / 2;
+  while (dirty_.size() > limit && failed_.is_ok()) {
+    lock.unlock();
+    (void)sync_wait();
+    lock.lock();
+  }
+}
+
+Status VolumeImpl::commit() {
+  // Snapshot the running transaction when no writer is between allocating blocks and writing
+  // their data.
+  std::unique_lock gate(gate_);
+  Lock lock(mu_);
+  if (!failed_) return failed_;
+  if (dirty_.empty()) {
+    lock.unlock();
+    gate.unlock();
+    return btt_->sync_wait();  // data written in place since the last commit
+  }
+  std::vector<uint64_t> lbas(dirty_.begin(), dirty_.end());
+  std::vector<std::byte> images(lbas.size() * bs_);
+  for (std::size_t i = 0; i < lbas.size(); ++i) {
+    std::memcpy(images.data() + i * bs_, cache_.at(lbas[i]).get(), bs_);
+  }
+  dirty_.clear();
+  std::vector<uint64_t> freed;
+  freed.swap(freed_);
+  uint64_t seq = ++sequence_;
+  lock.unlock();
+  gate.unlock();
+
+  auto fail = [&](const Status& s) {
+    Lock l(mu_);
+    failed_ = Status(s.error() == 0 ? EIO : s.error(),
+                     "commit failed, the volume is read-only now: " + s.message());
+    return failed_;
+  };
+  // 1. The data those blocks point at, and the last commit's home writes, are durable.
+  if (Status s = btt_->sync_wait(); !s) return fail(s);
+  // 2. The transaction into the journal, and durable: from here on replay completes it.
+  uint64_t desc_blocks = ceil_div(sizeof(JournalDescriptor) + lbas.size() * 8, bs_);
+  std::vector<std::byte> desc(desc_blocks * bs_);
+  JournalDescriptor d{kJournalMagic, seq, lbas.size(), 0, 0};
+  uint64_t sum = xxhash64(lbas.data(), lbas.size() * 8, seq);
+  for (std::size_t i = 0; i < lbas.size(); ++i) sum = xxhash64(images.data() + i * bs_, bs_, sum);
+  d.checksum = sum;
+  d.header_checksum = xxhash64(&d, offsetof(JournalDescriptor, header_checksum));
+  std::memcpy(desc.data(), &d, sizeof d);
+  std::memcpy(desc.data() + sizeof d, lbas.data(), lbas.size() * 8);
+  for (uint64_t i = 0; i < lbas.size(); ++i) {
+    if (Status s = btt_->write(sb_.journal_start + desc_blocks + i, images.data() + i * bs_); !s) {
+      return fail(s);
+    }
+  }
+  for (uint64_t i = desc_blocks; i-- > 0;) {  // the first block, with the header, last
+    if (Status s = btt_->write(sb_.journal_start + i, desc.data() + i * bs_); !s) return fail(s);
+  }
+  if (Status s = btt_->sync_wait(); !s) return fail(s);
+  // 3. Home. These become durable with the next commit's first step (or replay redoes them).
+  for (std::size_t i = 0; i < lbas.size(); ++i) {
+    if (Status s = btt_->write(lbas[i], images.data() + i * bs_); !s) return fail(s);
+  }
+  lock.lock();
+  for (uint64_t b : freed) quarantine_.erase(b);
+  return Status::ok();
+}
+
+void VolumeImpl::committer() {
+  std::unique_lock cl(commit_mu_);
+  for (;;) {
+    commit_cv_.wait_for(cl, std::chrono::milliseconds(kCommitIntervalMs),
+                        [this] { return commit_requested_ || stopping_; });
+    bool stop = stopping_;
+    std::vector<std::function<void(const Status&)>> waiters;
+    waiters.swap(waiters_);
+    commit_requested_ = false;
+    cl.unlock();
+    Status s = read_only_ ? Status::ok() : commit();
+    for (auto& w : waiters) w(s);
+    cl.lock();
+    ++commits_done_;
+    committed_cv_.notify_all();
+    if (stop && waiters_.empty()) return;
+  }
+}
+
+void VolumeImpl::sync(std::function<void(const Status&)> done) {
+  std::lock_guard lock(commit_mu_);
+  waiters_.push_back(std::move(done));
+  commit_requested_ = true;
+  commit_cv_.notify_all();
+}
+
+Status VolumeImpl::sync_wait() {
+  std::promise<Status> p;
+  auto f = p.get_future();
+  sync([&p](const Status& s) { p.set_value(s); });
+  return f.get();
+}
+
+// --- inodes and blocks -----------------------------------------------------------------------
+
+Result<Inode> VolumeImpl::iget(uint64_t ino) {
+  if (ino == 0 || ino >= sb_.inode_count || !inode_used_[ino]) {
+    return Status(ENOENT, "no inode " + std::to_string(ino));
+  }
+  uint64_t off = ino * kInodeSize;
+  Inode inode;
+  std::memcpy(&inode, meta(sb_.inode_table_start + off / bs_) + off % bs_, sizeof inode);
+  if (inode.checksum != inode_checksum(inode, ino) || inode.mode == 0) {
+    return Status(EUCLEAN, "inode " + std::to_string(ino) + " is damaged; run fsck.vpmfs");
+  }
+  return inode;
+}
+
+void VolumeImpl::iput(uint64_t ino, Inode inode) {
+  inode.checksum = inode_checksum(inode, ino);
+  uint64_t off = ino * kInodeSize;
+  std::memcpy(meta_mut(sb_.inode_table_start + off / bs_) + off % bs_, &inode, sizeof inode);
+}
+
+Result<uint64_t> VolumeImpl::ialloc() {
+  for (uint64_t k = 0; k < sb_.inode_count; ++k) {
+    uint64_t ino = inode_hint_ + k;
+    if (ino >= sb_.inode_count) ino = ino % sb_.inode_count;
+    if (ino <= kRootIno || inode_used_[ino]) continue;
+    inode_used_[ino] = true;
+    std::byte* bm = meta_mut(sb_.inode_bitmap_start + ino / (uint64_t(bs_) * 8));
+    uint64_t bit = ino % (uint64_t(bs_) * 8);
+    bm[bit / 8] |= std::byte(1u << (bit % 8));
+    --free_inodes_;
+    inode_hint_ = ino + 1;
+    return ino;
+  }
+  return Status(ENOSPC, "no free inodes");
+}
+
+void VolumeImpl::ifree(uint64_t ino) {
+  Inode zero{};
+  uint64_t off = ino * kInodeSize;
+  std::memcpy(meta_mut(sb_.inode_table_start + off / bs_) + off % bs_, &zero, sizeof zero);
+  inode_used_[ino] = false;
+  std::byte* bm = meta_mut(sb_.inode_bitmap_start + ino / (uint64_t(bs_) * 8));
+  uint64_t bit = ino % (uint64_t(bs_) * 8);
+  bm[bit / 8] &= ~std::byte(1u << (bit % 8));
+  ++free_inodes_;
+  nodes_.erase(ino);
+}
+
+Result<uint64_t> VolumeImpl::balloc() {
+  uint64_t n = sb_.block_count;
+  for (uint64_t k = 0; k < n; ++k) {
+    uint64_t lba = block_hint_ + k;
+    if (lba >= n) lba = sb_.data_start + (lba - n) % (n - sb_.data_start);
+    if (block_used_[lba] || quarantine_.count(lba) != 0) continue;
+    block_used_[lba] = true;
+    std::byte* bm = meta_mut(sb_.block_bitmap_start + lba / (uint64_t(bs_) * 8));
+    uint64_t bit = lba % (uint64_t(bs_) * 8);
+    bm[bit / 8] |= std::byte(1u << (bit % 8));
+    --free_blocks_;
+    block_hint_ = lba + 1;
+    return lba;
+  }
+  return Status(ENOSPC, "no space left on the volume");
+}
+
+void VolumeImpl::bfree(uint64_t lba) {
+  if (lba < sb_.data_start || lba >= sb_.block_count || !block_used_[lba]) return;
+  block_used_[lba] = false;
+  std::byte* bm = meta_mut(sb_.block_bitmap_start + lba / (uint64_t(bs_) * 8));
+  uint64_t bit = lba % (uint64_t(bs_) * 8);
+  bm[bit / 8] &= ~std::byte(1u << (bit % 8));
+  ++free_blocks_;
+  // Not reused until the transaction that freed it is durable: a crash before then brings the
+  // old owner back, with its data.
+  quarantine_.insert(lba);
+  freed_.push_back(lba);
+  cache_.erase(lba);
+  dirty_.erase(lba);  // whatever it held no longer matters
+}
+
+VolumeImpl::Node& VolumeImpl::node(uint64_t ino) {
+  auto& n = nodes_[ino];
+  if (!n) n = std::make_unique<Node>();
+  return *n;
+}
+
+Result<uint64_t> VolumeImpl::bmap(Inode& inode, uint64_t fb, bool allocate, bool* fresh) {
+  const uint64_t per = bs_ / 8;
+  if (fresh != nullptr) *fresh = false;
+  int slot_index;
+  int depth;
+  if (fb < kDirect) {
+    slot_index = int(fb);
+    depth = 0;
+  } else {
+    fb -= kDirect;
+    uint64_t span = per;
+    depth = 1;
+    while (fb >= span) {
+      fb -= span;
+      if (++depth > 4) return Status(EFBIG, "file block beyond the block map");
+      span *= per;
+    }
+    slot_index = kDirect + depth - 1;
+  }
+  // Walk down: `holder` is the pointer block holding the current slot (0: the inode).
+  uint64_t holder = 0;
+  uint64_t index = uint64_t(slot_index);
+  for (int level = depth;; --level) {
+    uint64_t cur;
+    if (holder == 0) {
+      cur = inode.ptr[index];
+    } else {
+      std::memcpy(&cur, meta(holder) + index * 8, 8);
+    }
+    if (cur == 0) {
+      if (!allocate) return uint64_t(0);
+      auto b = balloc();
+      if (!b) return b.status();
+      cur = *b;
+      ++inode.blocks;
+      if (level > 0) {
+        meta_new(cur);  // a pointer block starts empty
+      } else if (fresh != nullptr) {
+        *fresh = true;
+      }
+      if (holder == 0) {
+        inode.ptr[index] = cur;
+      } else {
+        std::memcpy(meta_mut(holder) + index * 8, &cur, 8);
+      }
+    }
+    if (level == 0) return cur;
+    uint64_t span = 1;
+    for (int i = 1; i < level; ++i) span *= per;
+    holder = cur;
+    index = (fb / span) % per;
+  }
+}
+
+Status VolumeImpl::truncate_blocks(Inode& inode, uint64_t keep) {
+  const uint64_t per = bs_ / 8;
+  // Frees the subtree under pointer `p` (at `level`, covering file blocks from `base`) beyond
+  // `keep`; returns true if the whole subtree went.
+  std::function<bool(uint64_t, int, uint64_t, uint64_t)> prune =
+      [&](uint64_t p, int level, uint64_t base, uint64_t span) -> bool {
+    if (level == 0) {
+      if (base < keep) return false;
+      bfree(p);
+      --inode.blocks;
+      return true;
+    }
+    uint64_t child_span = span / per;
+    bool all = base >= keep;
+    for (uint64_t i = 0; i < per; ++i) {
+      uint64_t c;
+      std::memcpy(&c, meta(p) + i * 8, 8);
+      if (c == 0) continue;
+      if (base + (i + 1) * child_span <= keep) continue;  // entirely kept
+      if (prune(c, level - 1, base + i * child_span, child_span)) {
+        uint64_t zero = 0;
+        if (!all) std::memcpy(meta_mut(p) + i * 8, &zero, 8);
+      } else {
+        all = false;
+      }
+    }
+    if (all) {
+      bfree(p);
+      --inode.blocks;
+    }
+    return all;
+  };
+  for (int i = 0; i < kDirect; ++i) {
+    if (inode.ptr[i] != 0 && uint64_t(i) >= keep) {
+      bfree(inode.ptr[i]);
+      --inode.blocks;
+      inode.ptr[i] = 0;
+    }
+  }
+  uint64_t base = kDirect;
+  uint64_t span = per;
+  for (int level = 1; level <= 4; ++level) {
+    uint64_t& p = inode.ptr[kDirect + level - 1];
+    if (p != 0 && base + span > keep && prune(p, level, base, span)) p = 0;
+    base += span;
+    span *= per;
+  }
+  return Status::ok();
+}
+
+Attr VolumeImpl::to_attr(uint64_t ino, const Inode& inode) const {
+  Attr a;
+  a.ino = ino;
+  a.mode = inode.mode;
+  a.nlink = inode.nlink;
+  a.uid = inode.uid;
+  a.gid = inode.gid;
+  a.rdev = inode.rdev;
+  a.size = inode.size;
+  a.blocks = inode.blocks * (bs_ / 512);
+  a.atime = timespec{inode.atime_sec, long(inode.atime_nsec)};
+  a.mtime = timespec{inode.mtime_sec, long(inode.mtime_nsec)};
+  a.ctime = timespec{inode.ctime_sec, long(inode.ctime_nsec)};
+  a.btime = timespec{inode.btime_sec, long(inode.btime_nsec)};
+  a.flags = inode.flags;
+  a.generation = inode.generation;
+  return a;
+}
+
+}  // namespace vpmfs

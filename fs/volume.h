@@ -1,0 +1,151 @@
+// VolumeImpl: the filesystem behind include/vpmfs/fs.h. Internal to fs/.
+#pragma once
+
+#include <condition_variable>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <set>
+#include <shared_mutex>
+#include <thread>
+#include <unordered_map>
+#include <unordered_set>
+#include <vector>
+
+#include "format.h"
+#include "vpmfs/btt.h"
+#include "vpmfs/fs.h"
+
+namespace vpmfs {
+
+class VolumeImpl final : public Volume {
+ public:
+  static Result<std::unique_ptr<Volume>> open(const std::string& image, const MountOptions& o);
+  ~VolumeImpl() override;
+
+  uint32_t block_size() const override { return bs_; }
+  PersistMode mode() const override { return region_->mode(); }
+  Region& region() override { return *region_; }
+
+  Result<Attr> getattr(uint64_t ino) override;
+  Result<Attr> lookup(uint64_t parent, std::string_view name) override;
+  Result<Attr> mknod(uint64_t parent, std::string_view name, uint32_t mode, uint64_t rdev,
+                     uint32_t uid, uint32_t gid) override;
+  Result<Attr> mkdir(uint64_t parent, std::string_view name, uint32_t mode, uint32_t uid,
+                     uint32_t gid) override;
+  Result<Attr> symlink(uint64_t parent, std::string_view name, std::string_view target,
+                       uint32_t uid, uint32_t gid) override;
+  Result<std::string> readlink(uint64_t ino) override;
+  Result<Attr> link(uint64_t ino, uint64_t parent, std::string_view name) override;
+  Status unlink(uint64_t parent, std::string_view name) override;
+  Status rmdir(uint64_t parent, std::string_view name) override;
+  Status rename(uint64_t parent, std::string_view name, uint64_t new_parent,
+                std::string_view new_name, uint32_t flags) override;
+  Result<Attr> setattr(uint64_t ino, const SetAttr& change) override;
+  Result<std::size_t> read(uint64_t ino, uint64_t offset, void* buf, std::size_t len) override;
+  Result<std::size_t> write(uint64_t ino, uint64_t offset, const void* buf,
+                            std::size_t len) override;
+  Status readdir(uint64_t ino, uint64_t offset,
+                 const std::function<bool(const DirEntry&)>& emit) override;
+  void hold(uint64_t ino, uint64_t count) override;
+  void forget(uint64_t ino, uint64_t count) override;
+  void sync(std::function<void(const Status&)> done) override;
+  Status sync_wait() override;
+  struct statvfs statfs() override;
+
+ private:
+  using Lock = std::unique_lock<std::mutex>;
+
+  // A directory's name index, built on first use so lookups and creates never scan.
+  struct DirIndex {
+    std::unordered_map<std::string, uint64_t> pos;  // name -> record position
+    std::vector<uint32_t> free_bytes;               // per directory block: the largest free record
+  };
+  // In-memory state of an inode that is in use.
+  struct Node {
+    std::shared_mutex io;  // data I/O shared; size changes exclusive
+    uint64_t held = 0;     // front-end references (kernel lookups)
+    std::unique_ptr<DirIndex> dir;
+  };
+
+  VolumeImpl() = default;
+  Status load(const std::string& image, const MountOptions& o);
+  Status replay_journal();
+  Status load_bitmaps();
+  Status free_orphans();
+
+  // Metadata blocks: read through a cache; changed blocks join the running transaction.
+  const std::byte* meta(uint64_t lba);
+  std::byte* meta_mut(uint64_t lba);
+  std::byte* meta_new(uint64_t lba);
+  // Inodes.
+  Result<fsfmt::Inode> iget(uint64_t ino);
+  void iput(uint64_t ino, fsfmt::Inode inode);
+  Result<uint64_t> ialloc();
+  void ifree(uint64_t ino);
+  Node& node(uint64_t ino);
+  // Blocks.
+  Result<uint64_t> balloc();
+  void bfree(uint64_t lba);
+  // Block map: the LBA of a file block, 0 for a hole; with allocate, fills holes.
+  Result<uint64_t> bmap(fsfmt::Inode& inode, uint64_t file_block, bool allocate, bool* fresh);
+  Status truncate_blocks(fsfmt::Inode& inode, uint64_t keep_blocks);
+  // Directories.
+  DirIndex& dir_index(uint64_t ino, fsfmt::Inode& dir);
+  Result<uint64_t> dir_find(uint64_t dino, fsfmt::Inode& dir, std::string_view name,
+                            uint32_t* type);
+  Status dir_add(uint64_t dino, fsfmt::Inode& dir, std::string_view name, uint64_t ino,
+                 uint32_t type);
+  Status dir_remove(uint64_t dino, fsfmt::Inode& dir, std::string_view name);
+  Status dir_set(uint64_t dino, fsfmt::Inode& dir, std::string_view name, uint64_t ino,
+                 uint32_t type);
+  bool dir_empty(uint64_t dino, fsfmt::Inode& dir);
+  Result<Attr> make_node(uint64_t parent, std::string_view name, uint32_t mode, uint64_t rdev,
+                         uint32_t uid, uint32_t gid, std::string_view symlink_target);
+  Status drop_link(uint64_t ino, fsfmt::Inode& inode);
+  void release_inode(uint64_t ino);
+  Attr to_attr(uint64_t ino, const fsfmt::Inode& inode) const;
+
+  // Commits.
+  void committer();
+  Status commit();
+  void throttle(Lock& lock);
+
+  std::unique_ptr<Region> region_;
+  std::unique_ptr<Btt> btt_;
+  uint32_t bs_ = 0;
+  fsfmt::Superblock sb_{};
+  bool read_only_ = false;
+
+  // Lock order: Node::io, then gate_, then mu_. Writers hold gate_ shared from allocating blocks
+  // until their data is written; a commit takes it exclusively to snapshot, so no transaction
+  // points at a block whose data is not yet written.
+  std::shared_mutex gate_;
+  std::mutex mu_;  // guards everything below
+  std::unordered_map<uint64_t, std::unique_ptr<std::byte[]>> cache_;
+  std::set<uint64_t> dirty_;      // blocks changed since the last commit began
+  std::vector<bool> block_used_;  // in-memory copies of the bitmaps
+  std::vector<bool> inode_used_;
+  uint64_t free_blocks_ = 0;
+  uint64_t free_inodes_ = 0;
+  uint64_t block_hint_ = 0;
+  uint64_t inode_hint_ = 0;
+  std::unordered_set<uint64_t> quarantine_;  // freed in a transaction not yet committed
+  std::vector<uint64_t> freed_;              // freed since the last commit began
+  std::unordered_map<uint64_t, std::unique_ptr<Node>> nodes_;
+  std::unordered_set<uint64_t> orphans_;  // unlinked but held
+
+  // The committer thread: group commit of fsync/sync requests and the periodic commit.
+  std::mutex commit_mu_;
+  std::condition_variable commit_cv_;
+  std::condition_variable committed_cv_;
+  std::vector<std::function<void(const Status&)>> waiters_;
+  bool commit_requested_ = false;
+  bool stopping_ = false;
+  uint64_t commits_done_ = 0;
+  uint64_t sequence_ = 0;
+  Status failed_;
+  std::thread committer_;
+};
+
+}  // namespace vpmfs

@@ -1,0 +1,125 @@
+// The vpmfs filesystem library: a POSIX filesystem on the BTT's sector-atomic LBA space of an
+// image (docs/FORMAT.md). The FUSE front end (fs/fuse) is a thin layer over this API; tests and
+// embedders use it directly.
+//
+// Inode numbers are stable: the root is kRootIno. Every call returns a Status carrying an errno
+// value the FUSE layer can send back as is. Calls are thread-safe.
+#pragma once
+
+#include <sys/stat.h>
+#include <sys/statvfs.h>
+#include <time.h>
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "vpmfs/region.h"
+#include "vpmfs/status.h"
+
+namespace vpmfs {
+
+inline constexpr uint64_t kRootIno = 1;
+
+struct MkfsOptions {
+  uint64_t size = 0;            // create (sparse) or grow an image file to this size; 0: as is
+  uint32_t sector_size = 4096;  // BTT sector = filesystem block: 512 or 4096
+  uint32_t lanes = 256;         // BTT nfree
+  std::string label;
+  std::optional<std::array<uint8_t, 16>> uuid;
+  uint64_t inode_ratio = 16384;   // one inode per this many bytes
+  bool force_persistent = false;  // region option, for tests on tmpfs
+  std::function<void(const std::string& stage, uint64_t done, uint64_t total)> progress;
+};
+
+struct MountOptions {
+  std::optional<PersistMode> mode;  // sync_dax; empty: detect
+  bool force_persistent = false;
+  bool read_only = false;
+};
+
+struct Attr {
+  uint64_t ino = 0;
+  uint32_t mode = 0;
+  uint32_t nlink = 0;
+  uint32_t uid = 0;
+  uint32_t gid = 0;
+  uint64_t rdev = 0;
+  uint64_t size = 0;
+  uint64_t blocks = 0;  // 512-byte units, as st_blocks
+  timespec atime{}, mtime{}, ctime{}, btime{};
+  uint32_t flags = 0;  // FS_XFLAG_* (FS_XFLAG_DAX)
+  uint32_t generation = 0;
+  struct stat to_stat(uint32_t block_size) const;
+};
+
+// What setattr changes; unset fields stay.
+struct SetAttr {
+  std::optional<uint32_t> mode;
+  std::optional<uint32_t> uid;
+  std::optional<uint32_t> gid;
+  std::optional<uint64_t> size;
+  std::optional<timespec> atime;  // UTIME_NOW resolved by the caller
+  std::optional<timespec> mtime;
+};
+
+struct DirEntry {
+  std::string name;
+  uint64_t ino;
+  uint32_t type;         // DT_* value
+  uint64_t next_offset;  // readdir cookie to continue after this entry
+};
+
+class Volume {
+ public:
+  static Status mkfs(const std::string& image, const MkfsOptions& options);
+  static Result<std::unique_ptr<Volume>> mount(const std::string& image,
+                                               const MountOptions& options);
+  virtual ~Volume() = default;
+
+  virtual uint32_t block_size() const = 0;
+  virtual PersistMode mode() const = 0;
+  virtual Region& region() = 0;
+
+  virtual Result<Attr> getattr(uint64_t ino) = 0;
+  virtual Result<Attr> lookup(uint64_t parent, std::string_view name) = 0;
+  // Creates a regular file, fifo, socket or device node (by the type bits of mode).
+  virtual Result<Attr> mknod(uint64_t parent, std::string_view name, uint32_t mode, uint64_t rdev,
+                             uint32_t uid, uint32_t gid) = 0;
+  virtual Result<Attr> mkdir(uint64_t parent, std::string_view name, uint32_t mode, uint32_t uid,
+                             uint32_t gid) = 0;
+  virtual Result<Attr> symlink(uint64_t parent, std::string_view name, std::string_view target,
+                               uint32_t uid, uint32_t gid) = 0;
+  virtual Result<std::string> readlink(uint64_t ino) = 0;
+  virtual Result<Attr> link(uint64_t ino, uint64_t parent, std::string_view name) = 0;
+  virtual Status unlink(uint64_t parent, std::string_view name) = 0;
+  virtual Status rmdir(uint64_t parent, std::string_view name) = 0;
+  // flags: 0, RENAME_NOREPLACE or RENAME_EXCHANGE.
+  virtual Status rename(uint64_t parent, std::string_view name, uint64_t new_parent,
+                        std::string_view new_name, uint32_t flags) = 0;
+  virtual Result<Attr> setattr(uint64_t ino, const SetAttr& change) = 0;
+
+  virtual Result<std::size_t> read(uint64_t ino, uint64_t offset, void* buf, std::size_t len) = 0;
+  virtual Result<std::size_t> write(uint64_t ino, uint64_t offset, const void* buf,
+                                    std::size_t len) = 0;
+  // Calls emit for entries after `offset` (0: from the start, including "." and "..") until it
+  // returns false. Offsets stay valid while entries are created and removed.
+  virtual Status readdir(uint64_t ino, uint64_t offset,
+                         const std::function<bool(const DirEntry&)>& emit) = 0;
+
+  // References held by a front end (the kernel's lookup count): an inode unlinked while held
+  // keeps its data until the last reference is forgotten. Library calls take none themselves.
+  virtual void hold(uint64_t ino, uint64_t count) = 0;
+  virtual void forget(uint64_t ino, uint64_t count) = 0;
+  // Makes everything written to the volume so far durable; done runs when it is (on the flush
+  // channel's thread, never the caller's).
+  virtual void sync(std::function<void(const Status&)> done) = 0;
+  virtual Status sync_wait() = 0;
+  virtual struct statvfs statfs() = 0;
+};
+
+}  // namespace vpmfs
