@@ -1,0 +1,31 @@
+// Checking (and repairing) a vpmfs image: image header, BTT, journal, and the filesystem's own
+// structures — every reachable inode valid, every block owned once, bitmaps and link counts
+// matching what the directory tree says.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "vpmfs/status.h"
+
+namespace vpmfs {
+
+struct FsckOptions {
+  bool repair = false;  // -y / -p: fix what can be fixed
+};
+
+struct FsckReport {
+  std::vector<std::string> problems;   // found, each naming what and where
+  std::vector<std::string> repairs;    // done
+  std::vector<std::string> remaining;  // still wrong after repair
+  uint64_t inodes = 0;                 // in use
+  uint64_t blocks = 0;                 // in use
+  bool clean() const { return problems.empty(); }
+  // fsck(8) exit codes: 0 clean, 1 errors corrected, 4 errors left uncorrected.
+  int exit_code() const;
+};
+
+// Operational failures (cannot open, not a vpmfs image, I/O error) come back as a Status.
+Result<FsckReport> fsck(const std::string& image, const FsckOptions& options);
+
+}  // namespace vpmfs
