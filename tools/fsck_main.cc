@@ -1,0 +1,48 @@
+// fsck.vpmfs [-n|-y|-p] [-f] IMAGE: checks a vpmfs image, repairing with -y or -p.
+// Exit codes as fsck(8): 0 clean, 1 errors corrected, 4 errors left uncorrected,
+// 8 operational error, 16 usage error.
+#include <CLI/CLI.hpp>
+
+#include <cstdio>
+
+#include "vpmfs/fsck.h"
+
+int main(int argc, char** argv) {
+  CLI::App app{"Check and repair a vpmfs image", "fsck.vpmfs"};
+  bool no_changes = false, yes = false, preen = false, force = false;
+  std::string image;
+  app.add_flag("-n", no_changes, "check only; open the image read-only and change nothing");
+  app.add_flag("-y", yes, "repair everything that can be repaired");
+  app.add_flag("-p", preen, "repair automatically (same as -y for vpmfs)");
+  app.add_flag("-f", force, "check even if the volume looks clean (vpmfs always checks fully)");
+  app.add_option("IMAGE", image, "image file or device-dax node")->required();
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    int rc = app.exit(e);
+    return rc == 0 ? 0 : 16;
+  }
+  if (no_changes && (yes || preen)) {
+    std::fprintf(stderr, "fsck.vpmfs: -n cannot be combined with -y or -p\n");
+    return 16;
+  }
+  vpmfs::FsckOptions options;
+  options.repair = yes || preen;
+  auto report = vpmfs::fsck(image, options);
+  if (!report) {
+    std::fprintf(stderr, "fsck.vpmfs: %s: %s\n", image.c_str(),
+                 report.status().to_string().c_str());
+    return 8;
+  }
+  for (const auto& p : report->problems) std::printf("problem: %s\n", p.c_str());
+  for (const auto& r : report->repairs) std::printf("repaired: %s\n", r.c_str());
+  for (const auto& r : report->remaining) std::printf("NOT REPAIRED: %s\n", r.c_str());
+  if (report->clean()) {
+    std::printf("%s: clean, %llu inodes, %llu blocks in use\n", image.c_str(),
+                (unsigned long long)report->inodes, (unsigned long long)report->blocks);
+  } else if (!options.repair) {
+    std::printf("%s: %zu problems found; run fsck.vpmfs -y to repair\n", image.c_str(),
+                report->problems.size());
+  }
+  return report->exit_code();
+}
