@@ -17,7 +17,6 @@ using namespace fsfmt;
 
 namespace {
 
-constexpr uint64_t kCommitIntervalMs = 5000;
 
 Timestamp now() {
   timespec t;
@@ -229,6 +228,8 @@ Status VolumeImpl::load(const std::string& image, const MountOptions& o) {
   ro.force_persistent = o.force_persistent;
   ro.read_only = o.read_only;
   read_only_ = o.read_only;
+  commit_interval_ms_ = std::max<uint32_t>(o.commit_interval_ms, 1);
+  on_error_ = o.on_error;
   auto region = Region::open(image, ro);
   if (!region) return region.status();
   region_ = std::move(region.value());
@@ -462,8 +463,10 @@ Status VolumeImpl::commit() {
 
   auto fail = [&](const Status& s) {
     Lock l(mu_);
+    if (!failed_) return failed_;
     failed_ = Status(s.error() == 0 ? EIO : s.error(),
                      "commit failed, the volume is read-only now: " + s.message());
+    if (on_error_) on_error_(failed_.message());
     return failed_;
   };
   // 1. The data those blocks point at, and the last commit's home writes, are durable.
@@ -499,7 +502,7 @@ Status VolumeImpl::commit() {
 void VolumeImpl::committer() {
   std::unique_lock cl(commit_mu_);
   for (;;) {
-    commit_cv_.wait_for(cl, std::chrono::milliseconds(kCommitIntervalMs),
+    commit_cv_.wait_for(cl, std::chrono::milliseconds(commit_interval_ms_),
                         [this] { return commit_requested_ || stopping_; });
     bool stop = stopping_;
     std::vector<std::function<void(const Status&)>> waiters;

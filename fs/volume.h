@@ -116,6 +116,8 @@ class VolumeImpl final : public Volume {
   uint32_t bs_ = 0;
   fsfmt::Superblock sb_{};
   bool read_only_ = false;
+  uint32_t commit_interval_ms_ = 5000;
+  std::function<void(const std::string&)> on_error_;
 
   // Lock order: Node::io, then gate_, then mu_. Writers hold gate_ shared from allocating blocks
   // until their data is written; a commit takes it exclusively to snapshot, so no transaction

@@ -40,6 +40,12 @@ struct MountOptions {
   std::optional<PersistMode> mode;  // sync_dax; empty: detect
   bool force_persistent = false;
   bool read_only = false;
+  // Background commit interval: metadata and data written without fsync become durable at
+  // most this long after they were written (the commit= mount option).
+  uint32_t commit_interval_ms = 5000;
+  // Called once, from whichever thread saw it, when a failed commit or device flush turns the
+  // volume read-only; the message says why.
+  std::function<void(const std::string&)> on_error;
 };
 
 struct Attr {

@@ -43,6 +43,8 @@ class Result {
   const T& value() const& { return std::get<T>(v_); }
   T* operator->() { return &value(); }
   T& operator*() { return value(); }
+  const T* operator->() const { return &value(); }
+  const T& operator*() const { return value(); }
   Status status() const { return is_ok() ? Status() : std::get<Status>(v_); }
 
  private:

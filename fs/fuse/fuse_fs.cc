@@ -1,0 +1,344 @@
+#define FUSE_USE_VERSION 312
+#include "fuse_fs.h"
+
+#include <fcntl.h>
+#include <fuse_lowlevel.h>
+#include <linux/fs.h>
+#include <syslog.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cstdio>
+#include <cstring>
+#include <memory>
+#include <vector>
+
+namespace vpmfs {
+
+namespace {
+
+std::atomic<bool> g_stderr{true};
+
+// What every request handler reaches through fuse_req_userdata().
+struct Daemon {
+  Volume& volume;
+  const DaemonOptions& options;
+};
+
+Daemon& daemon_of(fuse_req_t req) {
+  return *static_cast<Daemon*>(fuse_req_userdata(req));
+}
+Volume& vol(fuse_req_t req) {
+  return daemon_of(req).volume;
+}
+
+// The kernel may cache attributes and names this long. vpmfs is the only writer of its image,
+// and the kernel drops its cache itself after every change it makes through the mount.
+constexpr double kTimeout = 1.0;
+
+void reply_status(fuse_req_t req, const Status& s) {
+  fuse_reply_err(req, s ? 0 : s.error());
+}
+
+// Replies with a new entry and gives the kernel its lookup reference. Should the reply fail
+// (the request was interrupted), the reference goes again at once.
+void reply_entry(fuse_req_t req, const Attr& attr, fuse_file_info* created = nullptr) {
+  Volume& v = vol(req);
+  fuse_entry_param e{};
+  e.ino = attr.ino;
+  e.generation = attr.generation;
+  e.attr = attr.to_stat(v.block_size());
+  e.attr_timeout = kTimeout;
+  e.entry_timeout = kTimeout;
+  v.hold(attr.ino, 1);
+  int rc = created != nullptr ? fuse_reply_create(req, &e, created) : fuse_reply_entry(req, &e);
+  if (rc != 0) v.forget(attr.ino, 1);
+}
+
+void reply_entry_or_error(fuse_req_t req, const Result<Attr>& r) {
+  if (r) {
+    reply_entry(req, *r);
+  } else {
+    fuse_reply_err(req, r.status().error());
+  }
+}
+
+void reply_attr(fuse_req_t req, const Result<Attr>& r) {
+  if (!r) {
+    fuse_reply_err(req, r.status().error());
+    return;
+  }
+  struct stat st = r->to_stat(vol(req).block_size());
+  fuse_reply_attr(req, &st, kTimeout);
+}
+
+void op_init(void* userdata, fuse_conn_info* conn) {
+  auto& d = *static_cast<Daemon*>(userdata);
+  conn->max_write = d.options.max_write;
+  conn->max_read = 0;
+  // Writes go straight to the image, whose mapping outlives a killed daemon; a kernel
+  // write-back cache would hold acknowledged data where a daemon crash loses it.
+  conn->want &= ~unsigned(FUSE_CAP_WRITEBACK_CACHE);
+  if (conn->capable & FUSE_CAP_PARALLEL_DIROPS) conn->want |= FUSE_CAP_PARALLEL_DIROPS;
+  if (conn->capable & FUSE_CAP_ASYNC_READ) conn->want |= FUSE_CAP_ASYNC_READ;
+  if (conn->capable & FUSE_CAP_CACHE_SYMLINKS) conn->want |= FUSE_CAP_CACHE_SYMLINKS;
+  // Directory listings come from readdir; attributes are looked up by name as needed.
+  conn->want &= ~unsigned(FUSE_CAP_READDIRPLUS);
+}
+
+void op_lookup(fuse_req_t req, fuse_ino_t parent, const char* name) {
+  reply_entry_or_error(req, vol(req).lookup(parent, name));
+}
+
+void op_forget(fuse_req_t req, fuse_ino_t ino, uint64_t nlookup) {
+  vol(req).forget(ino, nlookup);
+  fuse_reply_none(req);
+}
+
+void op_forget_multi(fuse_req_t req, size_t count, fuse_forget_data* forgets) {
+  for (size_t i = 0; i < count; ++i) vol(req).forget(forgets[i].ino, forgets[i].nlookup);
+  fuse_reply_none(req);
+}
+
+void op_getattr(fuse_req_t req, fuse_ino_t ino, fuse_file_info*) {
+  reply_attr(req, vol(req).getattr(ino));
+}
+
+timespec now() {
+  timespec ts{};
+  clock_gettime(CLOCK_REALTIME, &ts);
+  return ts;
+}
+
+void op_setattr(fuse_req_t req, fuse_ino_t ino, struct stat* attr, int to_set, fuse_file_info*) {
+  SetAttr c;
+  if (to_set & FUSE_SET_ATTR_MODE) c.mode = attr->st_mode;
+  if (to_set & FUSE_SET_ATTR_UID) c.uid = attr->st_uid;
+  if (to_set & FUSE_SET_ATTR_GID) c.gid = attr->st_gid;
+  if (to_set & FUSE_SET_ATTR_SIZE) c.size = uint64_t(attr->st_size);
+  if (to_set & FUSE_SET_ATTR_ATIME_NOW) {
+    c.atime = now();
+  } else if (to_set & FUSE_SET_ATTR_ATIME) {
+    c.atime = attr->st_atim;
+  }
+  if (to_set & FUSE_SET_ATTR_MTIME_NOW) {
+    c.mtime = now();
+  } else if (to_set & FUSE_SET_ATTR_MTIME) {
+    c.mtime = attr->st_mtim;
+  }
+  reply_attr(req, vol(req).setattr(ino, c));
+}
+
+void op_readlink(fuse_req_t req, fuse_ino_t ino) {
+  auto target = vol(req).readlink(ino);
+  if (target) {
+    fuse_reply_readlink(req, target->c_str());
+  } else {
+    fuse_reply_err(req, target.status().error());
+  }
+}
+
+void op_mknod(fuse_req_t req, fuse_ino_t parent, const char* name, mode_t mode, dev_t rdev) {
+  const fuse_ctx* ctx = fuse_req_ctx(req);
+  reply_entry_or_error(req, vol(req).mknod(parent, name, mode, rdev, ctx->uid, ctx->gid));
+}
+
+void op_mkdir(fuse_req_t req, fuse_ino_t parent, const char* name, mode_t mode) {
+  const fuse_ctx* ctx = fuse_req_ctx(req);
+  reply_entry_or_error(req, vol(req).mkdir(parent, name, mode, ctx->uid, ctx->gid));
+}
+
+void op_symlink(fuse_req_t req, const char* target, fuse_ino_t parent, const char* name) {
+  const fuse_ctx* ctx = fuse_req_ctx(req);
+  reply_entry_or_error(req, vol(req).symlink(parent, name, target, ctx->uid, ctx->gid));
+}
+
+void op_link(fuse_req_t req, fuse_ino_t ino, fuse_ino_t parent, const char* name) {
+  reply_entry_or_error(req, vol(req).link(ino, parent, name));
+}
+
+void op_unlink(fuse_req_t req, fuse_ino_t parent, const char* name) {
+  reply_status(req, vol(req).unlink(parent, name));
+}
+
+void op_rmdir(fuse_req_t req, fuse_ino_t parent, const char* name) {
+  reply_status(req, vol(req).rmdir(parent, name));
+}
+
+void op_rename(fuse_req_t req, fuse_ino_t parent, const char* name, fuse_ino_t new_parent,
+               const char* new_name, unsigned int flags) {
+  reply_status(req, vol(req).rename(parent, name, new_parent, new_name, flags));
+}
+
+void op_open(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
+  auto attr = vol(req).getattr(ino);
+  if (!attr) {
+    fuse_reply_err(req, attr.status().error());
+    return;
+  }
+  if (S_ISDIR(attr->mode)) {
+    fuse_reply_err(req, EISDIR);
+    return;
+  }
+  fuse_reply_open(req, fi);
+}
+
+void op_create(fuse_req_t req, fuse_ino_t parent, const char* name, mode_t mode,
+               fuse_file_info* fi) {
+  const fuse_ctx* ctx = fuse_req_ctx(req);
+  auto attr = vol(req).mknod(parent, name, S_IFREG | (mode & 07777), 0, ctx->uid, ctx->gid);
+  if (!attr) {
+    fuse_reply_err(req, attr.status().error());
+    return;
+  }
+  reply_entry(req, *attr, fi);
+}
+
+void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, fuse_file_info*) {
+  // One copy out of the region into this buffer; the reply hands it to the kernel.
+  thread_local std::vector<char> buf;
+  if (buf.size() < size) buf.resize(size);
+  auto n = vol(req).read(ino, uint64_t(off), buf.data(), size);
+  if (n) {
+    fuse_reply_buf(req, buf.data(), *n);
+  } else {
+    fuse_reply_err(req, n.status().error());
+  }
+}
+
+void op_write(fuse_req_t req, fuse_ino_t ino, const char* data, size_t size, off_t off,
+              fuse_file_info*) {
+  auto n = vol(req).write(ino, uint64_t(off), data, size);
+  if (n) {
+    fuse_reply_write(req, *n);
+  } else {
+    fuse_reply_err(req, n.status().error());
+  }
+}
+
+void op_flush(fuse_req_t req, fuse_ino_t, fuse_file_info*) {
+  fuse_reply_err(req, 0);
+}
+
+void op_release(fuse_req_t req, fuse_ino_t, fuse_file_info*) {
+  fuse_reply_err(req, 0);
+}
+
+// fsync and fdatasync: a journal commit, then a request on the flush channel. The reply goes
+// out from the completion, so this worker thread is free at once.
+void op_fsync(fuse_req_t req, fuse_ino_t, int, fuse_file_info*) {
+  vol(req).sync([req](const Status& s) {
+    if (!s) log_message(LOG_ERR, "fsync failed: " + s.to_string());
+    reply_status(req, s);
+  });
+}
+
+void op_readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, fuse_file_info*) {
+  std::vector<char> buf(size);
+  size_t used = 0;
+  Status s = vol(req).readdir(ino, uint64_t(off), [&](const DirEntry& e) {
+    struct stat st {};
+    st.st_ino = e.ino;
+    st.st_mode = e.type << 12;  // DT_* is the S_IFMT nibble
+    size_t need = fuse_add_direntry(req, buf.data() + used, size - used, e.name.c_str(), &st,
+                                    off_t(e.next_offset));
+    if (need > size - used) return false;
+    used += need;
+    return true;
+  });
+  if (!s && used == 0) {
+    fuse_reply_err(req, s.error());
+    return;
+  }
+  fuse_reply_buf(req, buf.data(), used);
+}
+
+void op_statfs(fuse_req_t req, fuse_ino_t) {
+  struct statvfs st = vol(req).statfs();
+  fuse_reply_statfs(req, &st);
+}
+
+const fuse_lowlevel_ops kOps = [] {
+  fuse_lowlevel_ops ops{};
+  ops.init = op_init;
+  ops.lookup = op_lookup;
+  ops.forget = op_forget;
+  ops.forget_multi = op_forget_multi;
+  ops.getattr = op_getattr;
+  ops.setattr = op_setattr;
+  ops.readlink = op_readlink;
+  ops.mknod = op_mknod;
+  ops.mkdir = op_mkdir;
+  ops.symlink = op_symlink;
+  ops.link = op_link;
+  ops.unlink = op_unlink;
+  ops.rmdir = op_rmdir;
+  ops.rename = op_rename;
+  ops.open = op_open;
+  ops.create = op_create;
+  ops.read = op_read;
+  ops.write = op_write;
+  ops.flush = op_flush;
+  ops.release = op_release;
+  ops.fsync = op_fsync;
+  ops.fsyncdir = op_fsync;
+  ops.readdir = op_readdir;
+  ops.statfs = op_statfs;
+  return ops;
+}();
+
+// libfuse's own messages go where vpmfs's go.
+void fuse_log_sink(enum fuse_log_level level, const char* fmt, va_list ap) {
+  char line[1024];
+  std::vsnprintf(line, sizeof line, fmt, ap);
+  std::size_t n = std::strlen(line);
+  while (n > 0 && line[n - 1] == '\n') line[--n] = '\0';
+  log_message(int(level), line);
+}
+
+}  // namespace
+
+void log_to_stderr(bool on) {
+  g_stderr = on;
+}
+
+void log_message(int priority, const std::string& message) {
+  static std::once_flag opened;
+  std::call_once(opened, [] { openlog("vpmfs", LOG_PID, LOG_DAEMON); });
+  syslog(priority, "%s", message.c_str());
+  if (g_stderr) std::fprintf(stderr, "vpmfs: %s\n", message.c_str());
+}
+
+Status serve(Volume& volume, const DaemonOptions& options, const std::function<void()>& mounted) {
+  fuse_set_log_func(fuse_log_sink);
+  std::string mount_opts = fuse_mount_options(options);
+  std::vector<std::string> argv_s = {"vpmfs", "-o", mount_opts};
+  if (options.debug) argv_s.push_back("-d");
+  std::vector<char*> argv;
+  for (auto& a : argv_s) argv.push_back(a.data());
+  fuse_args args = FUSE_ARGS_INIT(int(argv.size()), argv.data());
+
+  Daemon daemon{volume, options};
+  fuse_session* se = fuse_session_new(&args, &kOps, sizeof kOps, &daemon);
+  if (se == nullptr) return Status(EINVAL, "libfuse refused the session options: " + mount_opts);
+  auto destroy = std::unique_ptr<fuse_session, void (*)(fuse_session*)>(se, fuse_session_destroy);
+  if (fuse_set_signal_handlers(se) != 0) return Status(EIO, "cannot install signal handlers");
+  if (fuse_session_mount(se, options.mountpoint.c_str()) != 0) {
+    fuse_remove_signal_handlers(se);
+    return Status(EIO, "cannot mount on " + options.mountpoint +
+                           " (is it an existing directory, and is /dev/fuse available?)");
+  }
+  mounted();
+
+  fuse_loop_config* config = fuse_loop_cfg_create();
+  fuse_loop_cfg_set_max_threads(config, options.max_threads);
+  fuse_loop_cfg_set_idle_threads(config, std::min(options.max_threads, 8u));
+  int rc = fuse_session_loop_mt(se, config);
+  fuse_loop_cfg_destroy(config);
+  fuse_session_unmount(se);
+  fuse_remove_signal_handlers(se);
+  if (rc < 0) return Status(-rc, "the FUSE session loop failed");
+  return Status::ok();
+}
+
+}  // namespace vpmfs

@@ -1,0 +1,147 @@
+#include "mount_options.h"
+
+#include <charconv>
+
+namespace vpmfs {
+
+const char* to_string(DaxPolicy policy) {
+  switch (policy) {
+    case DaxPolicy::inode:
+      return "inode";
+    case DaxPolicy::always:
+      return "always";
+    case DaxPolicy::never:
+      return "never";
+  }
+  return "?";
+}
+
+namespace {
+
+// Options mount(8) and mount.fuse3 hand every filesystem; the kernel applies the VFS ones
+// itself (nosuid, nodev, noexec, the atime family) from the mount call mount.fuse3 makes.
+constexpr std::string_view kGeneric[] = {
+    "rw",       "defaults",   "auto",    "noauto",   "user",        "nouser",   "users",
+    "_netdev",  "nofail",     "dev",     "nodev",    "suid",        "nosuid",   "exec",
+    "noexec",   "atime",      "noatime", "relatime", "strictatime", "diratime", "nodiratime",
+    "lazytime", "nolazytime", "async",   "silent",   "loud",        "owner",    "group",
+};
+
+bool is_generic(std::string_view name) {
+  for (auto g : kGeneric) {
+    if (g == name) return true;
+  }
+  // fstab comments and helper options: x-systemd.*, x-gvfs-*, comment=...
+  return name.starts_with("x-") || name == "comment";
+}
+
+Status bad(std::string_view option, std::string_view why) {
+  return Status(EINVAL, "mount option '" + std::string(option) + "': " + std::string(why));
+}
+
+Result<unsigned> parse_uint(std::string_view option, std::string_view value, unsigned lo,
+                            unsigned hi) {
+  unsigned v = 0;
+  auto [end, ec] = std::from_chars(value.data(), value.data() + value.size(), v);
+  if (value.empty() || ec != std::errc() || end != value.data() + value.size() || v < lo ||
+      v > hi) {
+    return bad(option,
+               "expects a whole number from " + std::to_string(lo) + " to " + std::to_string(hi));
+  }
+  return v;
+}
+
+}  // namespace
+
+Status apply_mount_options(std::string_view list, DaemonOptions& o) {
+  while (!list.empty()) {
+    std::size_t comma = list.find(',');
+    std::string_view item = list.substr(0, comma);
+    list = comma == std::string_view::npos ? std::string_view() : list.substr(comma + 1);
+    if (item.empty()) continue;
+    std::size_t eq = item.find('=');
+    std::string_view name = item.substr(0, eq);
+    bool has_value = eq != std::string_view::npos;
+    std::string_view value = has_value ? item.substr(eq + 1) : std::string_view();
+    auto flag = [&]() -> Status { return has_value ? bad(item, "takes no value") : Status::ok(); };
+
+    if (name == "sync_dax") {
+      if (value == "auto") {
+        o.sync_dax_auto = true;
+        o.volume.mode.reset();
+      } else if (auto mode = parse_persist_mode(value)) {
+        o.sync_dax_auto = false;
+        o.volume.mode = mode;
+      } else {
+        return bad(item, "expects auto, direct, writeback or unsafe");
+      }
+    } else if (name == "dax") {
+      if (!has_value || value == "always") {
+        o.dax = DaxPolicy::always;  // plain "dax", as ext4 and xfs accept it
+      } else if (value == "never") {
+        o.dax = DaxPolicy::never;
+      } else if (value == "inode") {
+        o.dax = DaxPolicy::inode;
+      } else {
+        return bad(item, "expects always, never or inode");
+      }
+    } else if (name == "commit") {
+      auto seconds = parse_uint(item, value, 1, 86400);
+      if (!seconds) return seconds.status();
+      o.volume.commit_interval_ms = *seconds * 1000;
+    } else if (name == "ro") {
+      if (Status s = flag(); !s) return s;
+      o.volume.read_only = true;
+    } else if (name == "rw") {
+      if (Status s = flag(); !s) return s;
+      o.volume.read_only = false;
+    } else if (name == "allow_other") {
+      if (Status s = flag(); !s) return s;
+      o.allow_other = true;
+    } else if (name == "default_permissions") {
+      if (Status s = flag(); !s) return s;
+      o.default_permissions = true;
+    } else if (name == "no_default_permissions") {
+      if (Status s = flag(); !s) return s;
+      o.default_permissions = false;
+    } else if (name == "force_persistent") {
+      if (Status s = flag(); !s) return s;
+      o.volume.force_persistent = true;
+    } else if (name == "fsname") {
+      if (value.empty()) return bad(item, "expects a name");
+      o.fsname = value;
+    } else if (name == "subtype") {
+      if (value != "vpmfs") return bad(item, "vpmfs mounts are always of subtype vpmfs");
+    } else if (name == "max_threads") {
+      auto n = parse_uint(item, value, 1, 256);
+      if (!n) return n.status();
+      o.max_threads = *n;
+    } else if (name == "max_write") {
+      auto n = parse_uint(item, value, 4096, 1u << 20);
+      if (!n) return n.status();
+      o.max_write = *n;
+    } else if (is_generic(name)) {
+      o.passed.emplace_back(item);
+    } else {
+      return bad(item, "unknown option (see vpmfs --help)");
+    }
+  }
+  return Status::ok();
+}
+
+std::string fuse_mount_options(const DaemonOptions& o) {
+  std::string fsname = o.fsname.empty() ? o.image : o.fsname;
+  // libfuse's option parser treats ',' as a separator and '\' as an escape.
+  std::string escaped;
+  for (char c : fsname) {
+    if (c == ',' || c == '\\') escaped += '\\';
+    escaped += c;
+  }
+  std::string s = "fsname=" + escaped + ",subtype=vpmfs";
+  if (o.allow_other) s += ",allow_other";
+  if (o.default_permissions) s += ",default_permissions";
+  if (o.volume.read_only) s += ",ro";
+  return s;
+}
+
+}  // namespace vpmfs

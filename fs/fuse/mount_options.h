@@ -1,0 +1,41 @@
+// The options of the vpmfs daemon: the -o list as mount(8), mount.fuse3, /etc/fstab and
+// xfstests pass it, turned into volume and FUSE settings, with a clear error for anything
+// unknown or impossible.
+#pragma once
+
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "vpmfs/fs.h"
+#include "vpmfs/status.h"
+
+namespace vpmfs {
+
+enum class DaxPolicy { inode, always, never };
+const char* to_string(DaxPolicy policy);
+
+struct DaemonOptions {
+  std::string image;
+  std::string mountpoint;
+  bool foreground = false;
+  bool debug = false;  // libfuse's request trace (-d)
+  MountOptions volume;
+  bool sync_dax_auto = true;  // sync_dax=auto (or not given): use what the backend offers
+  DaxPolicy dax = DaxPolicy::inode;
+  bool allow_other = false;
+  bool default_permissions = true;
+  std::string fsname;               // default: the image path
+  unsigned max_threads = 16;        // FUSE worker threads
+  unsigned max_write = 1u << 20;    // bytes per FUSE write request
+  std::vector<std::string> passed;  // generic options accepted and left to the kernel or ignored
+};
+
+// Applies one -o argument ("a,b=c,...") to options. Later options override earlier ones, as
+// with mount(8).
+Status apply_mount_options(std::string_view list, DaemonOptions& options);
+
+// The -o string for libfuse's session (fsname, subtype, allow_other, default_permissions, ro).
+std::string fuse_mount_options(const DaemonOptions& options);
+
+}  // namespace vpmfs

@@ -1,0 +1,80 @@
+// The -o parser of the vpmfs daemon: what mount(8), mount.fuse3, fstab and xfstests pass.
+#include "fuse/mount_options.h"
+
+#include <gtest/gtest.h>
+
+namespace vpmfs {
+namespace {
+
+TEST(MountOptions, Defaults) {
+  DaemonOptions o;
+  ASSERT_TRUE(apply_mount_options("", o));
+  EXPECT_TRUE(o.sync_dax_auto);
+  EXPECT_FALSE(o.volume.mode.has_value());
+  EXPECT_EQ(o.dax, DaxPolicy::inode);
+  EXPECT_TRUE(o.default_permissions);
+  EXPECT_FALSE(o.volume.read_only);
+  EXPECT_EQ(o.volume.commit_interval_ms, 5000u);
+  o.image = "/img";
+  EXPECT_EQ(fuse_mount_options(o), "fsname=/img,subtype=vpmfs,default_permissions");
+}
+
+TEST(MountOptions, VpmfsOptions) {
+  DaemonOptions o;
+  ASSERT_TRUE(apply_mount_options("sync_dax=writeback,dax=always,commit=30,ro,allow_other", o));
+  EXPECT_FALSE(o.sync_dax_auto);
+  EXPECT_EQ(o.volume.mode, PersistMode::writeback);
+  EXPECT_EQ(o.dax, DaxPolicy::always);
+  EXPECT_EQ(o.volume.commit_interval_ms, 30000u);
+  EXPECT_TRUE(o.volume.read_only);
+  EXPECT_TRUE(o.allow_other);
+  o.image = "/a,b";
+  EXPECT_EQ(fuse_mount_options(o),
+            "fsname=/a\\,b,subtype=vpmfs,allow_other,default_permissions,ro");
+  // Later options win, as with mount(8).
+  ASSERT_TRUE(apply_mount_options("rw,sync_dax=auto,dax=never,no_default_permissions", o));
+  EXPECT_FALSE(o.volume.read_only);
+  EXPECT_TRUE(o.sync_dax_auto);
+  EXPECT_FALSE(o.volume.mode.has_value());
+  EXPECT_EQ(o.dax, DaxPolicy::never);
+  EXPECT_FALSE(o.default_permissions);
+  ASSERT_TRUE(apply_mount_options("dax", o));
+  EXPECT_EQ(o.dax, DaxPolicy::always);
+}
+
+TEST(MountOptions, GenericOptionsFromMountAndFstab) {
+  DaemonOptions o;
+  ASSERT_TRUE(apply_mount_options(
+      "rw,nosuid,nodev,noexec,relatime,_netdev,nofail,x-systemd.automount,defaults", o));
+  EXPECT_EQ(o.passed.size(), 8u);  // all but rw, which vpmfs handles itself
+  EXPECT_FALSE(o.volume.read_only);
+}
+
+TEST(MountOptions, ClearErrors) {
+  struct Case {
+    const char* list;
+    const char* says;
+  };
+  const Case cases[] = {
+      {"sync_dax=fast", "expects auto, direct, writeback or unsafe"},
+      {"dax=sometimes", "expects always, never or inode"},
+      {"commit=0", "from 1 to 86400"},
+      {"commit=5s", "from 1 to 86400"},
+      {"commit=", "from 1 to 86400"},
+      {"ro=1", "takes no value"},
+      {"frobnicate", "unknown option"},
+      {"subtype=ext4", "subtype vpmfs"},
+      {"max_write=100", "from 4096"},
+  };
+  for (const auto& c : cases) {
+    DaemonOptions o;
+    Status s = apply_mount_options(c.list, o);
+    EXPECT_EQ(s.error(), EINVAL) << c.list;
+    EXPECT_NE(s.message().find(c.says), std::string::npos) << c.list << ": " << s.message();
+    EXPECT_NE(s.message().find(std::string(c.list).substr(0, 4)), std::string::npos)
+        << "the message names the option: " << s.message();
+  }
+}
+
+}  // namespace
+}  // namespace vpmfs

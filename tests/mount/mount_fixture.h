@@ -1,0 +1,126 @@
+// A real vpmfs mount for tests: mkfs.vpmfs a fresh image, run the daemon in the foreground on a
+// temporary mount point, unmount and check the image with fsck.vpmfs at the end.
+#pragma once
+
+#include <signal.h>
+#include <sys/stat.h>
+#include <sys/statfs.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdlib>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <gtest/gtest.h>
+
+#ifndef VPMFS_BIN_DIR
+#error "VPMFS_BIN_DIR names the directory holding vpmfs, mkfs.vpmfs and fsck.vpmfs"
+#endif
+
+namespace vpmfs::test {
+
+inline int run(const std::vector<std::string>& argv, bool quiet = true) {
+  pid_t pid = fork();
+  if (pid == 0) {
+    if (quiet) {
+      freopen("/dev/null", "w", stdout);
+    }
+    std::vector<char*> args;
+    for (const auto& a : argv) args.push_back(const_cast<char*>(a.c_str()));
+    args.push_back(nullptr);
+    execv(args[0], args.data());
+    _exit(127);
+  }
+  int status = 0;
+  waitpid(pid, &status, 0);
+  return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+}
+
+class Mount {
+ public:
+  explicit Mount(const std::string& name, const std::vector<std::string>& mount_opts = {},
+                 const std::string& size = "64M") {
+    base_ = std::string("/dev/shm/vpmfs-mnt-") + std::to_string(getpid()) + "-" + name;
+    image_ = base_ + ".img";
+    dir_ = base_ + ".dir";
+    ::unlink(image_.c_str());
+    ::mkdir(dir_.c_str(), 0755);
+    std::string bin = VPMFS_BIN_DIR;
+    EXPECT_EQ(run({bin + "/mkfs.vpmfs", "--size", size, "--force-persistent", image_}), 0);
+    opts_ = "force_persistent";
+    for (const auto& o : mount_opts) opts_ += "," + o;
+    start();
+  }
+
+  // Runs the daemon in the foreground on the image and waits until the mount is up.
+  void start() {
+    std::string bin = VPMFS_BIN_DIR;
+    std::vector<std::string> argv = {bin + "/vpmfs", image_, dir_, "-f", "-o", opts_};
+    daemon_ = fork();
+    if (daemon_ == 0) {
+      std::vector<char*> args;
+      for (const auto& a : argv) args.push_back(const_cast<char*>(a.c_str()));
+      args.push_back(nullptr);
+      execv(args[0], args.data());
+      _exit(127);
+    }
+    // Mounted when the mount point's filesystem type turns into FUSE's.
+    for (int i = 0; i < 1000; ++i) {
+      struct statfs sf {};
+      if (::statfs(dir_.c_str(), &sf) == 0 && sf.f_type == 0x65735546) {
+        mounted_ = true;
+        break;
+      }
+      int status;
+      if (waitpid(daemon_, &status, WNOHANG) == daemon_) break;
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    EXPECT_TRUE(mounted_) << "vpmfs did not mount " << image_ << " on " << dir_;
+  }
+
+  // Unmounts, checks the image, and mounts it again; returns fsck's exit code.
+  int remount() {
+    int rc = unmount();
+    start();
+    return rc;
+  }
+
+  ~Mount() {
+    unmount();
+    ::rmdir(dir_.c_str());
+    ::unlink(image_.c_str());
+  }
+
+  // Unmounts, waits for the daemon, and returns fsck.vpmfs -n's exit code.
+  int unmount() {
+    if (!mounted_) return -1;
+    mounted_ = false;
+    run({"/bin/fusermount3", "-u", dir_});
+    int status = 0;
+    waitpid(daemon_, &status, 0);
+    return run({std::string(VPMFS_BIN_DIR) + "/fsck.vpmfs", "-n", image_});
+  }
+
+  void kill_daemon() {
+    ::kill(daemon_, SIGKILL);
+    int status;
+    waitpid(daemon_, &status, 0);
+    run({"/bin/fusermount3", "-u", "-z", dir_});
+    mounted_ = false;
+  }
+
+  std::string path(const std::string& rel) const { return dir_ + "/" + rel; }
+  const std::string& dir() const { return dir_; }
+  const std::string& image() const { return image_; }
+  bool mounted() const { return mounted_; }
+
+ private:
+  std::string base_, image_, dir_, opts_;
+  pid_t daemon_ = -1;
+  bool mounted_ = false;
+};
+
+}  // namespace vpmfs::test

@@ -1,0 +1,284 @@
+// POSIX behaviour through a real FUSE mount of vpmfs, checked against what Linux specifies.
+#include <dirent.h>
+#include <fcntl.h>
+#include <linux/fs.h>
+#include <sys/stat.h>
+#include <sys/statvfs.h>
+#include <sys/syscall.h>
+#include <sys/sysmacros.h>
+#include <unistd.h>
+
+#include <cstring>
+#include <set>
+#include <string>
+
+#include <gtest/gtest.h>
+
+#include "mount_fixture.h"
+
+namespace vpmfs {
+namespace {
+
+using test::Mount;
+
+std::string slurp(const std::string& path) {
+  int fd = ::open(path.c_str(), O_RDONLY);
+  std::string out;
+  if (fd < 0) {
+    out = "<";
+    out += strerror(errno);
+    out += ">";
+    return out;
+  }
+  char buf[65536];
+  ssize_t n;
+  while ((n = ::read(fd, buf, sizeof buf)) > 0) out.append(buf, size_t(n));
+  ::close(fd);
+  return out;
+}
+
+void spit(const std::string& path, const std::string& data,
+          int flags = O_WRONLY | O_CREAT | O_TRUNC) {
+  int fd = ::open(path.c_str(), flags, 0644);
+  ASSERT_GE(fd, 0) << path << ": " << strerror(errno);
+  ASSERT_EQ(::write(fd, data.data(), data.size()), ssize_t(data.size()));
+  ASSERT_EQ(::close(fd), 0);
+}
+
+int err(int rc) {
+  return rc < 0 ? errno : 0;
+}
+
+class Posix : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() { mount_ = new Mount("posix", {"allow_other"}); }
+  static void TearDownTestSuite() {
+    EXPECT_EQ(mount_->unmount(), 0) << "fsck.vpmfs -n after the POSIX suite";
+    delete mount_;
+  }
+  std::string p(const std::string& rel) {
+    return mount_->path(
+        std::string(::testing::UnitTest::GetInstance()->current_test_info()->name()) + "-" + rel);
+  }
+  static Mount* mount_;
+};
+Mount* Posix::mount_ = nullptr;
+
+TEST_F(Posix, CreateWriteReadStat) {
+  ASSERT_TRUE(mount_->mounted());
+  spit(p("f"), "hello");
+  EXPECT_EQ(slurp(p("f")), "hello");
+  struct stat st {};
+  ASSERT_EQ(::stat(p("f").c_str(), &st), 0);
+  EXPECT_TRUE(S_ISREG(st.st_mode));
+  EXPECT_EQ(st.st_size, 5);
+  EXPECT_EQ(st.st_mode & 0777, 0644u);
+  EXPECT_EQ(st.st_nlink, 1u);
+  EXPECT_EQ(err(::open(p("f").c_str(), O_CREAT | O_EXCL | O_WRONLY, 0644)), EEXIST);
+  EXPECT_EQ(err(::open(p("missing").c_str(), O_RDONLY)), ENOENT);
+}
+
+TEST_F(Posix, LargeAndUnalignedIo) {
+  std::string big(3 * 1024 * 1024 + 777, '\0');
+  for (std::size_t i = 0; i < big.size(); ++i) big[i] = char(i * 131 + i / 4096);
+  spit(p("big"), big);
+  EXPECT_EQ(slurp(p("big")), big);
+  int fd = ::open(p("big").c_str(), O_RDWR);
+  ASSERT_GE(fd, 0);
+  ASSERT_EQ(::pwrite(fd, "XYZ", 3, 4095), 3);
+  char back[5];
+  ASSERT_EQ(::pread(fd, back, 5, 4094), 5);
+  EXPECT_EQ(std::string(back, 5), std::string(1, big[4094]) + "XYZ" + big[4098]);
+  ::close(fd);
+}
+
+TEST_F(Posix, AppendAndSparseFiles) {
+  spit(p("a"), "one");
+  spit(p("a"), "two", O_WRONLY | O_APPEND);
+  EXPECT_EQ(slurp(p("a")), "onetwo");
+  int fd = ::open(p("sparse").c_str(), O_CREAT | O_WRONLY, 0644);
+  ASSERT_EQ(::pwrite(fd, "end", 3, 10 << 20), 3);
+  ::close(fd);
+  std::string s = slurp(p("sparse"));
+  ASSERT_EQ(s.size(), (10u << 20) + 3);
+  EXPECT_EQ(s.substr(0, 10 << 20), std::string(10 << 20, '\0'));
+  struct stat st {};
+  ASSERT_EQ(::stat(p("sparse").c_str(), &st), 0);
+  EXPECT_LT(st.st_blocks * 512, 64 * 1024) << "a hole must not take space";
+}
+
+TEST_F(Posix, TruncateUpAndDown) {
+  spit(p("t"), std::string(10000, 'x'));
+  ASSERT_EQ(::truncate(p("t").c_str(), 100), 0);
+  ASSERT_EQ(::truncate(p("t").c_str(), 5000), 0);
+  std::string s = slurp(p("t"));
+  EXPECT_EQ(s, std::string(100, 'x') + std::string(4900, '\0'));
+  EXPECT_EQ(err(::truncate(p("nope").c_str(), 1)), ENOENT);
+  ::mkdir(p("d").c_str(), 0755);
+  EXPECT_EQ(err(::truncate(p("d").c_str(), 1)), EISDIR);
+}
+
+TEST_F(Posix, UnlinkedOpenFileKeepsItsData) {
+  spit(p("u"), "still here");
+  int fd = ::open(p("u").c_str(), O_RDONLY);
+  ASSERT_GE(fd, 0);
+  ASSERT_EQ(::unlink(p("u").c_str()), 0);
+  EXPECT_EQ(err(::access(p("u").c_str(), F_OK)), ENOENT);
+  char buf[16] = {};
+  EXPECT_EQ(::pread(fd, buf, sizeof buf, 0), 10);
+  EXPECT_STREQ(buf, "still here");
+  ::close(fd);
+}
+
+TEST_F(Posix, DirectoriesAndErrors) {
+  ASSERT_EQ(::mkdir(p("dir").c_str(), 0750), 0);
+  EXPECT_EQ(err(::mkdir(p("dir").c_str(), 0750)), EEXIST);
+  spit(p("dir") + "/inner", "x");
+  EXPECT_EQ(err(::rmdir(p("dir").c_str())), ENOTEMPTY);
+  EXPECT_EQ(err(::unlink(p("dir").c_str())), EISDIR);
+  EXPECT_EQ(err(::rmdir((p("dir") + "/inner").c_str())), ENOTDIR);
+  EXPECT_EQ(err(::mkdir((p("dir") + "/inner/x").c_str(), 0755)), ENOTDIR);
+  EXPECT_EQ(err(::open((p("dir") + "/" + std::string(256, 'n')).c_str(), O_CREAT | O_WRONLY, 0644)),
+            ENAMETOOLONG);
+  struct stat st {};
+  ASSERT_EQ(::stat(p("dir").c_str(), &st), 0);
+  EXPECT_EQ(st.st_nlink, 2u);
+  ASSERT_EQ(::mkdir((p("dir") + "/sub").c_str(), 0755), 0);
+  ASSERT_EQ(::stat(p("dir").c_str(), &st), 0);
+  EXPECT_EQ(st.st_nlink, 3u);
+  ASSERT_EQ(::unlink((p("dir") + "/inner").c_str()), 0);
+  ASSERT_EQ(::rmdir((p("dir") + "/sub").c_str()), 0);
+  ASSERT_EQ(::rmdir(p("dir").c_str()), 0);
+}
+
+TEST_F(Posix, LinksAndSymlinks) {
+  spit(p("target"), "data");
+  ASSERT_EQ(::link(p("target").c_str(), p("hard").c_str()), 0);
+  struct stat st {};
+  ASSERT_EQ(::stat(p("target").c_str(), &st), 0);
+  EXPECT_EQ(st.st_nlink, 2u);
+  ASSERT_EQ(::symlink("somewhere/else", p("sym").c_str()), 0);
+  char buf[64] = {};
+  EXPECT_EQ(::readlink(p("sym").c_str(), buf, sizeof buf), 14);
+  EXPECT_STREQ(buf, "somewhere/else");
+  ASSERT_EQ(::lstat(p("sym").c_str(), &st), 0);
+  EXPECT_TRUE(S_ISLNK(st.st_mode));
+  EXPECT_EQ(err(::open(p("sym").c_str(), O_RDONLY)), ENOENT);
+  ASSERT_EQ(::symlink(p("loop2").c_str(), p("loop1").c_str()), 0);
+  ASSERT_EQ(::symlink(p("loop1").c_str(), p("loop2").c_str()), 0);
+  EXPECT_EQ(err(::open(p("loop1").c_str(), O_RDONLY)), ELOOP);
+  ::mkdir(p("d").c_str(), 0755);
+  EXPECT_EQ(err(::link(p("d").c_str(), p("dlink").c_str())), EPERM);
+}
+
+TEST_F(Posix, RenameFlags) {
+  spit(p("a"), "A");
+  spit(p("b"), "B");
+  auto rename2 = [](const std::string& from, const std::string& to, unsigned flags) {
+    return err(int(syscall(SYS_renameat2, AT_FDCWD, from.c_str(), AT_FDCWD, to.c_str(), flags)));
+  };
+  EXPECT_EQ(rename2(p("a"), p("b"), RENAME_NOREPLACE), EEXIST);
+  EXPECT_EQ(rename2(p("a"), p("b"), RENAME_EXCHANGE), 0);
+  EXPECT_EQ(slurp(p("a")), "B");
+  EXPECT_EQ(slurp(p("b")), "A");
+  EXPECT_EQ(rename2(p("a"), p("none"), RENAME_EXCHANGE), ENOENT);
+  EXPECT_EQ(rename2(p("a"), p("b"), RENAME_NOREPLACE | RENAME_EXCHANGE), EINVAL);
+  EXPECT_EQ(rename2(p("a"), p("b"), 0), 0);
+  EXPECT_EQ(slurp(p("b")), "B");
+  EXPECT_EQ(err(::access(p("a").c_str(), F_OK)), ENOENT);
+  ::mkdir(p("d1").c_str(), 0755);
+  ::mkdir((p("d1") + "/d2").c_str(), 0755);
+  EXPECT_EQ(rename2(p("d1"), p("d1") + "/d2/d3", 0), EINVAL);
+  spit(p("d1") + "/d2/f", "x");
+  ::mkdir(p("empty").c_str(), 0755);
+  EXPECT_EQ(rename2(p("b"), p("empty"), 0), EISDIR);
+  EXPECT_EQ(rename2(p("empty"), p("b"), 0), ENOTDIR);
+  EXPECT_EQ(rename2(p("empty"), p("d1"), 0), ENOTEMPTY);
+  EXPECT_EQ(rename2(p("d1") + "/d2", p("moved"), 0), 0);
+  EXPECT_EQ(slurp(p("moved") + "/f"), "x");
+}
+
+TEST_F(Posix, AttributesWithNanoseconds) {
+  spit(p("m"), "x");
+  ASSERT_EQ(::chmod(p("m").c_str(), 0600), 0);
+  ASSERT_EQ(::chown(p("m").c_str(), 1234, 5678), 0);
+  timespec times[2] = {{1000, 123456789}, {2000, 987654321}};
+  ASSERT_EQ(::utimensat(AT_FDCWD, p("m").c_str(), times, 0), 0);
+  struct stat st {};
+  ASSERT_EQ(::stat(p("m").c_str(), &st), 0);
+  EXPECT_EQ(st.st_mode & 07777, 0600u);
+  EXPECT_EQ(st.st_uid, 1234u);
+  EXPECT_EQ(st.st_gid, 5678u);
+  EXPECT_EQ(st.st_atim.tv_sec, 1000);
+  EXPECT_EQ(st.st_atim.tv_nsec, 123456789);
+  EXPECT_EQ(st.st_mtim.tv_sec, 2000);
+  EXPECT_EQ(st.st_mtim.tv_nsec, 987654321);
+}
+
+TEST_F(Posix, SpecialFiles) {
+  ASSERT_EQ(::mkfifo(p("fifo").c_str(), 0644), 0);
+  ASSERT_EQ(::mknod(p("null").c_str(), S_IFCHR | 0644, makedev(1, 3)), 0);
+  struct stat st {};
+  ASSERT_EQ(::stat(p("fifo").c_str(), &st), 0);
+  EXPECT_TRUE(S_ISFIFO(st.st_mode));
+  ASSERT_EQ(::stat(p("null").c_str(), &st), 0);
+  EXPECT_TRUE(S_ISCHR(st.st_mode));
+  EXPECT_EQ(st.st_rdev, makedev(1, 3));
+}
+
+TEST_F(Posix, ReaddirSeesEveryEntryOnce) {
+  ::mkdir(p("many").c_str(), 0755);
+  for (int i = 0; i < 500; ++i) spit(p("many") + "/e" + std::to_string(i), "");
+  DIR* d = ::opendir(p("many").c_str());
+  ASSERT_NE(d, nullptr);
+  std::multiset<std::string> names;
+  while (dirent* e = ::readdir(d)) names.insert(e->d_name);
+  ::closedir(d);
+  EXPECT_EQ(names.size(), 502u);
+  for (int i = 0; i < 500; ++i) EXPECT_EQ(names.count("e" + std::to_string(i)), 1u);
+}
+
+TEST_F(Posix, StatfsCountsChange) {
+  struct statvfs before {
+  }, after{};
+  ASSERT_EQ(::statvfs(mount_->dir().c_str(), &before), 0);
+  spit(p("space"), std::string(1 << 20, 's'));
+  ASSERT_EQ(::statvfs(mount_->dir().c_str(), &after), 0);
+  EXPECT_EQ(before.f_bsize, 4096u);
+  EXPECT_LE(after.f_bfree + 256, before.f_bfree);
+  EXPECT_LT(after.f_ffree, before.f_ffree);
+}
+
+TEST_F(Posix, PermissionsForAnOrdinaryUser) {
+  spit(p("secret"), "x");
+  ASSERT_EQ(::chmod(p("secret").c_str(), 0600), 0);
+  ::mkdir(p("locked").c_str(), 0700);
+  pid_t pid = fork();
+  if (pid == 0) {
+    if (setgid(65534) != 0 || setuid(65534) != 0) _exit(10);
+    if (::open(p("secret").c_str(), O_RDONLY) >= 0 || errno != EACCES) _exit(1);
+    if (::open((p("locked") + "/x").c_str(), O_CREAT | O_WRONLY, 0644) >= 0 || errno != EACCES) {
+      _exit(2);
+    }
+    if (::chmod(p("secret").c_str(), 0777) == 0 || errno != EPERM) _exit(3);
+    _exit(0);
+  }
+  int status = 0;
+  waitpid(pid, &status, 0);
+  EXPECT_TRUE(WIFEXITED(status));
+  EXPECT_EQ(WEXITSTATUS(status), 0) << "step that did not fail as POSIX says";
+}
+
+TEST(PosixRemount, DataSurvivesUnmountAndMount) {
+  Mount m("remount");
+  spit(m.path("keep"), "kept across mounts");
+  ::mkdir(m.path("d").c_str(), 0755);
+  spit(m.path("d/inner"), "inner");
+  ASSERT_EQ(m.remount(), 0) << "fsck.vpmfs -n between the mounts";
+  EXPECT_EQ(slurp(m.path("keep")), "kept across mounts");
+  EXPECT_EQ(slurp(m.path("d/inner")), "inner");
+  EXPECT_EQ(m.unmount(), 0);
+}
+
+}  // namespace
+}  // namespace vpmfs

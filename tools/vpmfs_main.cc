@@ -1,0 +1,186 @@
+// vpmfs IMAGE MOUNTPOINT [-o OPTIONS] [-f] [-d] [-s]: the vpmfs FUSE daemon.
+//
+// Runs the way mount.fuse3 starts it for "mount -t fuse.vpmfs IMAGE DIR -o ..." and for
+// /etc/fstab lines of type fuse.vpmfs. Daemonizes unless -f; the parent waits until the volume
+// is open and mounted, so every error before that reaches the terminal and the exit code.
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <syslog.h>
+#include <unistd.h>
+
+#include <CLI/CLI.hpp>
+#include <cerrno>
+#include <climits>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "fuse/fuse_fs.h"
+#include "fuse/mount_options.h"
+
+namespace {
+
+constexpr const char* kOptionsHelp = R"(Mount options (-o, comma separated):
+  sync_dax=auto|direct|writeback|unsafe
+                      persistence mode; auto uses MAP_SYNC or devdax when the backend offers
+                      it (direct) and the flush channel otherwise (writeback)
+  dax=always|never|inode
+                      which files are served as DAX files (default inode: per-file flag)
+  commit=SECONDS      background commit interval (default 5)
+  ro, rw              read-only or read-write mount
+  allow_other         let other users use the mount
+  default_permissions the kernel checks permissions and ACLs (the default)
+  no_default_permissions
+                      leave permission checks out (single-user mounts only)
+  force_persistent    treat the image's memory as persistent even without MAP_SYNC
+                      (a stand-in for real pmem, for testing)
+  fsname=NAME         source name shown in /proc/mounts (default: the image path)
+  max_threads=N       FUSE worker threads (default 16)
+  max_write=BYTES     largest FUSE write request (default 1048576)
+The generic options mount(8) passes (rw, dev, suid, exec, atime family, _netdev, nofail,
+x-*, ...) are accepted; the kernel applies the VFS ones itself.)";
+
+// The parent side of daemonizing: a pipe the child reports "mounted" or an error on.
+class Launcher {
+ public:
+  // Forks. Returns in the child; the parent exits with the child's verdict.
+  void daemonize() {
+    if (pipe2(fds_, O_CLOEXEC) != 0) {
+      std::perror("vpmfs: pipe");
+      std::exit(1);
+    }
+    pid_t pid = fork();
+    if (pid < 0) {
+      std::perror("vpmfs: fork");
+      std::exit(1);
+    }
+    if (pid > 0) {
+      ::close(fds_[1]);
+      std::string msg;
+      char buf[512];
+      ssize_t n;
+      while ((n = ::read(fds_[0], buf, sizeof buf)) > 0) msg.append(buf, std::size_t(n));
+      if (msg == "ok") std::exit(0);
+      std::fprintf(stderr, "%s",
+                   msg.empty() ? "vpmfs: the daemon died before mounting\n" : msg.c_str());
+      std::exit(1);
+    }
+    ::close(fds_[0]);
+    setsid();
+    active_ = true;
+  }
+
+  [[noreturn]] void fail(const std::string& message) {
+    std::string line = "vpmfs: " + message + "\n";
+    if (active_) {
+      (void)!::write(fds_[1], line.data(), line.size());
+    } else {
+      std::fputs(line.c_str(), stderr);
+    }
+    syslog(LOG_ERR, "%s", message.c_str());
+    std::exit(1);
+  }
+
+  // The mount is up: release the parent and detach from the terminal.
+  void mounted() {
+    if (!active_) return;
+    (void)!::write(fds_[1], "ok", 2);
+    ::close(fds_[1]);
+    active_ = false;
+    vpmfs::log_to_stderr(false);
+    int null = ::open("/dev/null", O_RDWR);
+    if (null >= 0) {
+      ::dup2(null, 0);
+      ::dup2(null, 1);
+      ::dup2(null, 2);
+      if (null > 2) ::close(null);
+    }
+    (void)!::chdir("/");
+  }
+
+ private:
+  int fds_[2] = {-1, -1};
+  bool active_ = false;
+};
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"vpmfs: a DAX-style filesystem on a virtual pmem image, mounted through FUSE",
+               "vpmfs"};
+  app.footer(kOptionsHelp);
+  vpmfs::DaemonOptions options;
+  std::vector<std::string> option_lists;
+  bool single_thread = false;
+  app.add_option("IMAGE", options.image, "image file or device-dax node (made by mkfs.vpmfs)")
+      ->required();
+  app.add_option("MOUNTPOINT", options.mountpoint, "directory to mount on")->required();
+  app.add_option("-o", option_lists, "mount options, comma separated (see below)")
+      ->allow_extra_args(false);
+  app.add_flag("-f", options.foreground, "stay in the foreground");
+  app.add_flag("-d", options.debug, "trace FUSE requests (implies -f)");
+  app.add_flag("-s", single_thread, "serve requests on one thread");
+  app.set_version_flag("--version", "vpmfs " VPMFS_VERSION);
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e) == 0 ? 0 : 1;
+  }
+  Launcher launcher;
+  for (const auto& list : option_lists) {
+    if (vpmfs::Status s = vpmfs::apply_mount_options(list, options); !s) launcher.fail(s.message());
+  }
+  if (options.debug) options.foreground = true;
+  if (single_thread) options.max_threads = 1;
+
+  struct stat st {};
+  if (::stat(options.mountpoint.c_str(), &st) != 0) {
+    launcher.fail("mount point " + options.mountpoint + ": " + std::strerror(errno));
+  }
+  if (!S_ISDIR(st.st_mode))
+    launcher.fail("mount point " + options.mountpoint + " is not a directory");
+  char resolved[PATH_MAX];
+  if (::realpath(options.image.c_str(), resolved) == nullptr) {
+    launcher.fail(options.image + ": " + std::strerror(errno));
+  }
+  options.image = resolved;
+  if (::realpath(options.mountpoint.c_str(), resolved) != nullptr) options.mountpoint = resolved;
+
+  // Fork before the volume starts its threads.
+  if (!options.foreground) launcher.daemonize();
+
+  options.volume.on_error = [](const std::string& why) {
+    vpmfs::log_message(LOG_CRIT, "the volume is read-only from now on: " + why);
+  };
+  auto volume = vpmfs::Volume::mount(options.image, options.volume);
+  if (!volume) launcher.fail("cannot mount " + options.image + ": " + volume.status().message());
+  vpmfs::Volume& v = **volume;
+  vpmfs::Region& region = v.region();
+  const bool ro = options.volume.read_only;
+  std::string what = "mounted " + options.image + " on " + options.mountpoint +
+                     (ro ? " (ro)" : "") + ": persistence " + vpmfs::to_string(v.mode()) + " (" +
+                     region.mode_reason() + "), dax=" + vpmfs::to_string(options.dax) +
+                     ", commit=" + std::to_string(options.volume.commit_interval_ms / 1000) + "s";
+  vpmfs::Status s = vpmfs::serve(v, options, [&] {
+    vpmfs::log_message(LOG_INFO, what);
+    if (v.mode() == vpmfs::PersistMode::unsafe) {
+      vpmfs::log_message(LOG_WARNING,
+                         "WARNING: sync_dax=unsafe: nothing written to this mount is ever made "
+                         "durable; fsync returns without flushing. A crash of the host can lose "
+                         "or tear any of it.");
+    }
+    launcher.mounted();
+  });
+  if (!s) launcher.fail(s.message());
+  vpmfs::Status last = ro ? vpmfs::Status::ok() : v.sync_wait();
+  volume->reset();
+  if (!last) {
+    vpmfs::log_message(LOG_ERR,
+                       "unmounted " + options.image + ", final commit failed: " + last.to_string());
+    return 1;
+  }
+  vpmfs::log_message(LOG_INFO, "unmounted " + options.image + " cleanly");
+  return 0;
+}
