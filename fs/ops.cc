@@ -119,15 +119,16 @@ Result<Attr> VolumeImpl::make_node(uint64_t parent, std::string_view name, uint3
 }
 
 Result<Attr> VolumeImpl::mknod(uint64_t parent, std::string_view name, uint32_t mode, uint64_t rdev,
-                               uint32_t uid, uint32_t gid) {
+                               uint32_t uid, uint32_t gid, uint32_t umask) {
   if (S_ISDIR(mode) || S_ISLNK(mode)) return Status(EINVAL, "mknod cannot make this type");
   if ((mode & S_IFMT) == 0) mode |= S_IFREG;
+  mode &= ~(umask & 0777);
   return make_node(parent, name, mode, rdev, uid, gid, {});
 }
 
 Result<Attr> VolumeImpl::mkdir(uint64_t parent, std::string_view name, uint32_t mode, uint32_t uid,
-                               uint32_t gid) {
-  return make_node(parent, name, S_IFDIR | (mode & 07777), 0, uid, gid, {});
+                               uint32_t gid, uint32_t umask) {
+  return make_node(parent, name, S_IFDIR | (mode & 07777 & ~(umask & 0777)), 0, uid, gid, {});
 }
 
 Result<Attr> VolumeImpl::symlink(uint64_t parent, std::string_view name, std::string_view target,
@@ -595,3 +596,24 @@ struct statvfs VolumeImpl::statfs() {
 }
 
 }  // namespace vpmfs
+
+// --- not yet implemented ----------------------------------------------------------------------
+
+Result<std::size_t> VolumeImpl::getxattr(uint64_t, std::string_view, void*, std::size_t) {
+  return Status(EOPNOTSUPP, "xattrs are not implemented yet");
+}
+Status VolumeImpl::setxattr(uint64_t, std::string_view, const void*, std::size_t, int) {
+  return Status(EOPNOTSUPP, "xattrs are not implemented yet");
+}
+Result<std::size_t> VolumeImpl::listxattr(uint64_t, char*, std::size_t) {
+  return Status(EOPNOTSUPP, "xattrs are not implemented yet");
+}
+Status VolumeImpl::removexattr(uint64_t, std::string_view) {
+  return Status(EOPNOTSUPP, "xattrs are not implemented yet");
+}
+Status VolumeImpl::fallocate(uint64_t, int, uint64_t, uint64_t) {
+  return Status(EOPNOTSUPP, "fallocate is not implemented yet");
+}
+Result<uint64_t> VolumeImpl::seek_data(uint64_t, uint64_t, int) {
+  return Status(EOPNOTSUPP, "SEEK_DATA and SEEK_HOLE are not implemented yet");
+}

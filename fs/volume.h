@@ -30,9 +30,9 @@ class VolumeImpl final : public Volume {
   Result<Attr> getattr(uint64_t ino) override;
   Result<Attr> lookup(uint64_t parent, std::string_view name) override;
   Result<Attr> mknod(uint64_t parent, std::string_view name, uint32_t mode, uint64_t rdev,
-                     uint32_t uid, uint32_t gid) override;
+                     uint32_t uid, uint32_t gid, uint32_t umask = 0) override;
   Result<Attr> mkdir(uint64_t parent, std::string_view name, uint32_t mode, uint32_t uid,
-                     uint32_t gid) override;
+                     uint32_t gid, uint32_t umask = 0) override;
   Result<Attr> symlink(uint64_t parent, std::string_view name, std::string_view target,
                        uint32_t uid, uint32_t gid) override;
   Result<std::string> readlink(uint64_t ino) override;
@@ -47,6 +47,14 @@ class VolumeImpl final : public Volume {
                             std::size_t len) override;
   Status readdir(uint64_t ino, uint64_t offset,
                  const std::function<bool(const DirEntry&)>& emit) override;
+  Result<std::size_t> getxattr(uint64_t ino, std::string_view name, void* buf,
+                               std::size_t size) override;
+  Status setxattr(uint64_t ino, std::string_view name, const void* value, std::size_t size,
+                  int flags) override;
+  Result<std::size_t> listxattr(uint64_t ino, char* buf, std::size_t size) override;
+  Status removexattr(uint64_t ino, std::string_view name) override;
+  Status fallocate(uint64_t ino, int mode, uint64_t offset, uint64_t length) override;
+  Result<uint64_t> seek_data(uint64_t ino, uint64_t offset, int whence) override;
   void hold(uint64_t ino, uint64_t count) override;
   void forget(uint64_t ino, uint64_t count) override;
   void sync(std::function<void(const Status&)> done) override;

@@ -94,10 +94,14 @@ class Volume {
   virtual Result<Attr> getattr(uint64_t ino) = 0;
   virtual Result<Attr> lookup(uint64_t parent, std::string_view name) = 0;
   // Creates a regular file, fifo, socket or device node (by the type bits of mode).
+  //
+  // mknod and mkdir take the mode as the application asked for it and the creator's umask:
+  // when the parent directory has a default ACL (system.posix_acl_default) the new node
+  // inherits it as POSIX.1e says and the umask is not used; otherwise mode &= ~umask.
   virtual Result<Attr> mknod(uint64_t parent, std::string_view name, uint32_t mode, uint64_t rdev,
-                             uint32_t uid, uint32_t gid) = 0;
+                             uint32_t uid, uint32_t gid, uint32_t umask = 0) = 0;
   virtual Result<Attr> mkdir(uint64_t parent, std::string_view name, uint32_t mode, uint32_t uid,
-                             uint32_t gid) = 0;
+                             uint32_t gid, uint32_t umask = 0) = 0;
   virtual Result<Attr> symlink(uint64_t parent, std::string_view name, std::string_view target,
                                uint32_t uid, uint32_t gid) = 0;
   virtual Result<std::string> readlink(uint64_t ino) = 0;
@@ -116,6 +120,24 @@ class Volume {
   // returns false. Offsets stay valid while entries are created and removed.
   virtual Status readdir(uint64_t ino, uint64_t offset,
                          const std::function<bool(const DirEntry&)>& emit) = 0;
+
+  // Extended attributes, named with their namespace: "user.", "trusted.", "security." and
+  // "system.posix_acl_access" / "system.posix_acl_default" (the kernel's xattr form of an ACL;
+  // setting an access ACL keeps the mode's permission bits in step, and chmod updates the ACL).
+  // getxattr and listxattr with size 0 return the size needed; a smaller buffer gives ERANGE.
+  // A missing attribute gives ENODATA. flags: 0, XATTR_CREATE or XATTR_REPLACE.
+  virtual Result<std::size_t> getxattr(uint64_t ino, std::string_view name, void* buf,
+                                       std::size_t size) = 0;
+  virtual Status setxattr(uint64_t ino, std::string_view name, const void* value,
+                          std::size_t size, int flags) = 0;
+  // NUL-terminated names back to back, as listxattr(2).
+  virtual Result<std::size_t> listxattr(uint64_t ino, char* buf, std::size_t size) = 0;
+  virtual Status removexattr(uint64_t ino, std::string_view name) = 0;
+  // fallocate(2) modes 0, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE and
+  // FALLOC_FL_ZERO_RANGE (with or without KEEP_SIZE); others give EOPNOTSUPP.
+  virtual Status fallocate(uint64_t ino, int mode, uint64_t offset, uint64_t length) = 0;
+  // lseek(2) with SEEK_DATA or SEEK_HOLE: ENXIO at or past the end of the file.
+  virtual Result<uint64_t> seek_data(uint64_t ino, uint64_t offset, int whence) = 0;
 
   // References held by a front end (the kernel's lookup count): an inode unlinked while held
   // keeps its data until the last reference is forgotten. Library calls take none themselves.
