@@ -595,8 +595,6 @@ struct statvfs VolumeImpl::statfs() {
   return s;
 }
 
-}  // namespace vpmfs
-
 // --- not yet implemented ----------------------------------------------------------------------
 
 Result<std::size_t> VolumeImpl::getxattr(uint64_t, std::string_view, void*, std::size_t) {
@@ -617,3 +615,6 @@ Status VolumeImpl::fallocate(uint64_t, int, uint64_t, uint64_t) {
 Result<uint64_t> VolumeImpl::seek_data(uint64_t, uint64_t, int) {
   return Status(EOPNOTSUPP, "SEEK_DATA and SEEK_HOLE are not implemented yet");
 }
+
+}  // namespace vpmfs
+
