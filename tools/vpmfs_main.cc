@@ -4,6 +4,8 @@
 // /etc/fstab lines of type fuse.vpmfs. Daemonizes unless -f; the parent waits until the volume
 // is open and mounted, so every error before that reaches the terminal and the exit code.
 #include <fcntl.h>
+#include <pthread.h>
+#include <signal.h>
 #include <sys/stat.h>
 #include <syslog.h>
 #include <unistd.h>
@@ -15,6 +17,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "fuse/fuse_fs.h"
@@ -39,6 +42,7 @@ constexpr const char* kOptionsHelp = R"(Mount options (-o, comma separated):
   fsname=NAME         source name shown in /proc/mounts (default: the image path)
   max_threads=N       FUSE worker threads (default 16)
   max_write=BYTES     largest FUSE write request (default 1048576)
+  test_faults         testing only: SIGUSR1 makes every later device flush fail with EIO
 The generic options mount(8) passes (rw, dev, suid, exec, atime family, _netdev, nofail,
 x-*, ...) are accepted; the kernel applies the VFS ones itself.)";
 
@@ -150,10 +154,14 @@ int main(int argc, char** argv) {
 
   // Fork before the volume starts its threads.
   if (!options.foreground) launcher.daemonize();
+  // SIGUSR1 (test_faults) is taken by a thread of its own; block it before any thread starts
+  // so that every thread inherits the mask.
+  sigset_t usr1;
+  sigemptyset(&usr1);
+  sigaddset(&usr1, SIGUSR1);
+  if (options.test_faults) pthread_sigmask(SIG_BLOCK, &usr1, nullptr);
 
-  options.volume.on_error = [](const std::string& why) {
-    vpmfs::log_message(LOG_CRIT, "the volume is read-only from now on: " + why);
-  };
+  options.volume.on_error = [](const std::string& why) { vpmfs::log_message(LOG_CRIT, why); };
   auto volume = vpmfs::Volume::mount(options.image, options.volume);
   if (!volume) launcher.fail("cannot mount " + options.image + ": " + volume.status().message());
   vpmfs::Volume& v = **volume;
@@ -163,6 +171,16 @@ int main(int argc, char** argv) {
                      (ro ? " (ro)" : "") + ": persistence " + vpmfs::to_string(v.mode()) + " (" +
                      region.mode_reason() + "), dax=" + vpmfs::to_string(options.dax) +
                      ", commit=" + std::to_string(options.volume.commit_interval_ms / 1000) + "s";
+  if (options.test_faults) {
+    std::thread([&region, usr1] {
+      int sig = 0;
+      while (sigwait(&usr1, &sig) == 0) {
+        vpmfs::log_message(LOG_WARNING,
+                           "test_faults: every device flush fails with EIO from now on");
+        region.flush_channel().inject_failures(1 << 30, EIO);
+      }
+    }).detach();
+  }
   vpmfs::Status s = vpmfs::serve(v, options, [&] {
     vpmfs::log_message(LOG_INFO, what);
     if (v.mode() == vpmfs::PersistMode::unsafe) {

@@ -23,6 +23,9 @@ std::atomic<bool> g_stderr{true};
 struct Daemon {
   Volume& volume;
   const DaemonOptions& options;
+  // The kernel leaves the umask to vpmfs (FUSE_CAP_DONT_MASK), which applies it unless the
+  // parent directory has a default ACL.
+  bool dont_mask = false;
 };
 
 Daemon& daemon_of(fuse_req_t req) {
@@ -84,6 +87,16 @@ void op_init(void* userdata, fuse_conn_info* conn) {
   if (conn->capable & FUSE_CAP_CACHE_SYMLINKS) conn->want |= FUSE_CAP_CACHE_SYMLINKS;
   // Directory listings come from readdir; attributes are looked up by name as needed.
   conn->want &= ~unsigned(FUSE_CAP_READDIRPLUS);
+  // The kernel clears setuid/setgid on write, truncate and chown itself.
+  conn->want &= ~unsigned(FUSE_CAP_HANDLE_KILLPRIV);
+  // ACLs: the kernel enforces them (this implies default_permissions) from the
+  // system.posix_acl_* attributes vpmfs stores; vpmfs keeps mode and ACL in step and applies
+  // default ACLs to new nodes, so it needs the umask unapplied.
+  if (d.options.default_permissions && (conn->capable & FUSE_CAP_POSIX_ACL) &&
+      (conn->capable & FUSE_CAP_DONT_MASK)) {
+    conn->want |= FUSE_CAP_POSIX_ACL | FUSE_CAP_DONT_MASK;
+    d.dont_mask = true;
+  }
 }
 
 void op_lookup(fuse_req_t req, fuse_ino_t parent, const char* name) {
@@ -138,14 +151,20 @@ void op_readlink(fuse_req_t req, fuse_ino_t ino) {
   }
 }
 
+// The umask to apply to a new node: the caller's, when the kernel left it to vpmfs.
+uint32_t umask_of(fuse_req_t req) {
+  return daemon_of(req).dont_mask ? fuse_req_ctx(req)->umask : 0;
+}
+
 void op_mknod(fuse_req_t req, fuse_ino_t parent, const char* name, mode_t mode, dev_t rdev) {
   const fuse_ctx* ctx = fuse_req_ctx(req);
-  reply_entry_or_error(req, vol(req).mknod(parent, name, mode, rdev, ctx->uid, ctx->gid));
+  reply_entry_or_error(req,
+                       vol(req).mknod(parent, name, mode, rdev, ctx->uid, ctx->gid, umask_of(req)));
 }
 
 void op_mkdir(fuse_req_t req, fuse_ino_t parent, const char* name, mode_t mode) {
   const fuse_ctx* ctx = fuse_req_ctx(req);
-  reply_entry_or_error(req, vol(req).mkdir(parent, name, mode, ctx->uid, ctx->gid));
+  reply_entry_or_error(req, vol(req).mkdir(parent, name, mode, ctx->uid, ctx->gid, umask_of(req)));
 }
 
 void op_symlink(fuse_req_t req, const char* target, fuse_ino_t parent, const char* name) {
@@ -186,7 +205,8 @@ void op_open(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
 void op_create(fuse_req_t req, fuse_ino_t parent, const char* name, mode_t mode,
                fuse_file_info* fi) {
   const fuse_ctx* ctx = fuse_req_ctx(req);
-  auto attr = vol(req).mknod(parent, name, S_IFREG | (mode & 07777), 0, ctx->uid, ctx->gid);
+  auto attr =
+      vol(req).mknod(parent, name, S_IFREG | (mode & 07777), 0, ctx->uid, ctx->gid, umask_of(req));
   if (!attr) {
     fuse_reply_err(req, attr.status().error());
     return;
@@ -253,6 +273,60 @@ void op_readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, fuse_fil
   fuse_reply_buf(req, buf.data(), used);
 }
 
+void op_setxattr(fuse_req_t req, fuse_ino_t ino, const char* name, const char* value, size_t size,
+                 int flags) {
+  reply_status(req, vol(req).setxattr(ino, name, value, size, flags));
+}
+
+// getxattr and listxattr: size 0 asks for the size needed.
+template <typename Fill>
+void reply_sized(fuse_req_t req, size_t size, Fill fill) {
+  std::vector<char> buf(size);
+  Result<std::size_t> n = fill(size == 0 ? nullptr : buf.data(), size);
+  if (!n) {
+    fuse_reply_err(req, n.status().error());
+  } else if (size == 0) {
+    fuse_reply_xattr(req, *n);
+  } else {
+    fuse_reply_buf(req, buf.data(), *n);
+  }
+}
+
+void op_getxattr(fuse_req_t req, fuse_ino_t ino, const char* name, size_t size) {
+  reply_sized(req, size, [&](char* buf, size_t n) { return vol(req).getxattr(ino, name, buf, n); });
+}
+
+void op_listxattr(fuse_req_t req, fuse_ino_t ino, size_t size) {
+  reply_sized(req, size, [&](char* buf, size_t n) { return vol(req).listxattr(ino, buf, n); });
+}
+
+void op_removexattr(fuse_req_t req, fuse_ino_t ino, const char* name) {
+  reply_status(req, vol(req).removexattr(ino, name));
+}
+
+void op_fallocate(fuse_req_t req, fuse_ino_t ino, int mode, off_t offset, off_t length,
+                  fuse_file_info*) {
+  if (offset < 0 || length <= 0) {
+    fuse_reply_err(req, EINVAL);
+    return;
+  }
+  reply_status(req, vol(req).fallocate(ino, mode, uint64_t(offset), uint64_t(length)));
+}
+
+// The kernel handles SEEK_SET, SEEK_CUR and SEEK_END; only SEEK_DATA and SEEK_HOLE come here.
+void op_lseek(fuse_req_t req, fuse_ino_t ino, off_t off, int whence, fuse_file_info*) {
+  if (off < 0) {
+    fuse_reply_err(req, ENXIO);
+    return;
+  }
+  auto pos = vol(req).seek_data(ino, uint64_t(off), whence);
+  if (pos) {
+    fuse_reply_lseek(req, off_t(*pos));
+  } else {
+    fuse_reply_err(req, pos.status().error());
+  }
+}
+
 void op_statfs(fuse_req_t req, fuse_ino_t) {
   struct statvfs st = vol(req).statfs();
   fuse_reply_statfs(req, &st);
@@ -284,6 +358,12 @@ const fuse_lowlevel_ops kOps = [] {
   ops.fsyncdir = op_fsync;
   ops.readdir = op_readdir;
   ops.statfs = op_statfs;
+  ops.setxattr = op_setxattr;
+  ops.getxattr = op_getxattr;
+  ops.listxattr = op_listxattr;
+  ops.removexattr = op_removexattr;
+  ops.fallocate = op_fallocate;
+  ops.lseek = op_lseek;
   return ops;
 }();
 

@@ -107,6 +107,9 @@ Status apply_mount_options(std::string_view list, DaemonOptions& o) {
     } else if (name == "force_persistent") {
       if (Status s = flag(); !s) return s;
       o.volume.force_persistent = true;
+    } else if (name == "test_faults") {
+      if (Status s = flag(); !s) return s;
+      o.test_faults = true;
     } else if (name == "fsname") {
       if (value.empty()) return bad(item, "expects a name");
       o.fsname = value;

@@ -25,9 +25,12 @@ struct DaemonOptions {
   DaxPolicy dax = DaxPolicy::inode;
   bool allow_other = false;
   bool default_permissions = true;
-  std::string fsname;               // default: the image path
-  unsigned max_threads = 16;        // FUSE worker threads
-  unsigned max_write = 1u << 20;    // bytes per FUSE write request
+  std::string fsname;             // default: the image path
+  unsigned max_threads = 16;      // FUSE worker threads
+  unsigned max_write = 1u << 20;  // bytes per FUSE write request
+  // Testing only: SIGUSR1 makes every later device flush fail with EIO, as a failing host
+  // would, so the error path can be exercised on a real mount.
+  bool test_faults = false;
   std::vector<std::string> passed;  // generic options accepted and left to the kernel or ignored
 };
 

@@ -2,6 +2,7 @@
 // temporary mount point, unmount and check the image with fsck.vpmfs at the end.
 #pragma once
 
+#include <fcntl.h>
 #include <signal.h>
 #include <sys/stat.h>
 #include <sys/statfs.h>
@@ -12,6 +13,7 @@
 #include <cstdlib>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include <gtest/gtest.h>
@@ -37,6 +39,36 @@ inline int run(const std::vector<std::string>& argv, bool quiet = true) {
   int status = 0;
   waitpid(pid, &status, 0);
   return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+}
+
+// Runs a command; returns its exit code and what it printed on stderr (or stdout).
+inline std::pair<int, std::string> capture(const std::vector<std::string>& argv,
+                                           bool want_stdout = false) {
+  int fds[2];
+  if (pipe(fds) != 0) return {-1, "pipe failed"};
+  pid_t pid = fork();
+  if (pid == 0) {
+    ::close(fds[0]);
+    int null = ::open("/dev/null", O_WRONLY);
+    ::dup2(want_stdout ? fds[1] : null, 1);
+    ::dup2(want_stdout ? null : fds[1], 2);
+    ::close(fds[1]);  // only 1 and 2 may hold the pipe, or a daemon child would keep it open
+    ::close(null);
+    std::vector<char*> args;
+    for (const auto& a : argv) args.push_back(const_cast<char*>(a.c_str()));
+    args.push_back(nullptr);
+    execv(args[0], args.data());
+    _exit(127);
+  }
+  ::close(fds[1]);
+  std::string out;
+  char buf[4096];
+  ssize_t n;
+  while ((n = ::read(fds[0], buf, sizeof buf)) > 0) out.append(buf, std::size_t(n));
+  ::close(fds[0]);
+  int status = 0;
+  waitpid(pid, &status, 0);
+  return {WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status), out};
 }
 
 class Mount {
@@ -116,6 +148,7 @@ class Mount {
   const std::string& dir() const { return dir_; }
   const std::string& image() const { return image_; }
   bool mounted() const { return mounted_; }
+  pid_t daemon() const { return daemon_; }
 
  private:
   std::string base_, image_, dir_, opts_;

@@ -1,0 +1,234 @@
+// The command-line tools on real images and mounts: mkfs.vpmfs's refusals, the daemon's errors,
+// mount(8) through mount.fuse3, and fsck.vpmfs's exit codes.
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <sys/statfs.h>
+#include <unistd.h>
+
+#include <cstring>
+#include <fstream>
+#include <string>
+
+#include <gtest/gtest.h>
+
+#include "mount_fixture.h"
+
+namespace vpmfs {
+namespace {
+
+using test::capture;
+using test::Mount;
+
+const std::string kBin = VPMFS_BIN_DIR;
+
+std::string scratch(const std::string& name) {
+  return "/dev/shm/vpmfs-tools-" + std::to_string(getpid()) + "-" + name;
+}
+
+// Writes bytes at an offset of a (sparse) file of the given size.
+void plant(const std::string& path, uint64_t size, uint64_t off, const std::string& bytes) {
+  int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_TRUNC, 0644);
+  ASSERT_GE(fd, 0);
+  ASSERT_EQ(::ftruncate(fd, off_t(size)), 0);
+  ASSERT_EQ(::pwrite(fd, bytes.data(), bytes.size(), off_t(off)), ssize_t(bytes.size()));
+  ::close(fd);
+}
+
+TEST(Mkfs, RefusesExistingSignaturesWithoutForce) {
+  struct Case {
+    uint64_t off;
+    std::string magic;
+    const char* says;
+  };
+  const Case cases[] = {
+      {1080, std::string("\x53\xef", 2), "ext2/ext3/ext4"},
+      {0, "XFSB", "XFS"},
+      {65600, "_BHRfS_M", "btrfs"},
+      {4096, "BTT_ARENA_INFO", "BTT"},
+      {4086, "SWAPSPACE2", "swap"},
+      {100, "anything", "non-zero bytes"},
+  };
+  std::string img = scratch("sig.img");
+  for (const auto& c : cases) {
+    plant(img, 64 << 20, c.off, c.magic);
+    auto [rc, err] = capture({kBin + "/mkfs.vpmfs", "--force-persistent", img});
+    EXPECT_EQ(rc, 1) << c.says;
+    EXPECT_NE(err.find(c.says), std::string::npos) << err;
+    EXPECT_NE(err.find("use -f"), std::string::npos) << err;
+    // Nothing was written.
+    std::ifstream f(img, std::ios::binary);
+    std::string head(8, '\0');
+    f.read(head.data(), 8);
+    EXPECT_NE(head, "VPMFSIMG");
+  }
+  // -f overwrites; a second mkfs then finds vpmfs itself.
+  EXPECT_EQ(capture({kBin + "/mkfs.vpmfs", "-q", "-f", "--force-persistent", img}).first, 0);
+  auto [rc, err] = capture({kBin + "/mkfs.vpmfs", "--force-persistent", img});
+  EXPECT_EQ(rc, 1);
+  EXPECT_NE(err.find("a vpmfs image"), std::string::npos) << err;
+  EXPECT_EQ(capture({kBin + "/fsck.vpmfs", "-n", img}).first, 0);
+  ::unlink(img.c_str());
+}
+
+TEST(Mkfs, ClearErrorsForBadArguments) {
+  std::string img = scratch("args.img");
+  ::unlink(img.c_str());
+  struct Case {
+    std::vector<std::string> args;
+    const char* says;
+  };
+  const Case cases[] = {
+      {{"--size", "12Q", img}, "expected a size"},
+      {{"--size", "1M", img}, "too small"},
+      {{img}, "give --size"},
+      {{"--size", "64M", "--uuid", "not-a-uuid", img}, "8-4-4-4-12"},
+      {{"--size", "64M", "--sector-size", "1024", img}, "1024"},
+  };
+  for (const auto& c : cases) {
+    std::vector<std::string> argv = {kBin + "/mkfs.vpmfs"};
+    argv.insert(argv.end(), c.args.begin(), c.args.end());
+    auto [rc, err] = capture(argv);
+    EXPECT_NE(rc, 0) << c.says;
+    EXPECT_NE(err.find(c.says), std::string::npos) << err;
+    ::unlink(img.c_str());
+  }
+  ::unlink(img.c_str());
+}
+
+TEST(Mkfs, SizesLabelsAndSectorSizes) {
+  std::string img = scratch("sizes.img");
+  ::unlink(img.c_str());
+  auto [rc, out] = capture({kBin + "/mkfs.vpmfs", "--size", "96MiB", "--sector-size", "512",
+                            "--label", "scratch", "--force-persistent", img},
+                           /*want_stdout=*/true);
+  ASSERT_EQ(rc, 0) << out;
+  EXPECT_NE(out.find("512-byte blocks"), std::string::npos) << out;
+  EXPECT_NE(out.find("label scratch"), std::string::npos) << out;
+  struct stat st {};
+  ASSERT_EQ(::stat(img.c_str(), &st), 0);
+  EXPECT_EQ(st.st_size, 96 << 20);
+  EXPECT_LT(st.st_blocks * 512, st.st_size) << "the image is created sparse";
+  EXPECT_EQ(capture({kBin + "/fsck.vpmfs", "-n", img}).first, 0);
+  ::unlink(img.c_str());
+}
+
+TEST(Daemon, ClearErrorsBeforeMounting) {
+  std::string img = scratch("daemon.img");
+  std::string dir = scratch("daemon.dir");
+  ::unlink(img.c_str());
+  ::mkdir(dir.c_str(), 0755);
+  ASSERT_EQ(capture({kBin + "/mkfs.vpmfs", "-q", "--size", "64M", img}).first, 0);
+  struct Case {
+    std::vector<std::string> args;
+    const char* says;
+  };
+  const Case cases[] = {
+      {{img, dir, "-o", "sync_dax=fast"}, "mount option 'sync_dax=fast'"},
+      {{img, dir, "-o", "bogus"}, "unknown option"},
+      {{img + ".missing", dir}, "No such file"},
+      {{img, dir + ".missing"}, "mount point"},
+      {{"/etc/hostname", dir}, "not a vpmfs image"},
+      // A tmpfs file cannot give direct persistence without being told to pretend.
+      {{img, dir, "-o", "sync_dax=direct"}, "MAP_SYNC"},
+  };
+  for (const auto& c : cases) {
+    std::vector<std::string> argv = {kBin + "/vpmfs"};
+    argv.insert(argv.end(), c.args.begin(), c.args.end());
+    auto [rc, err] = capture(argv);  // daemonizing: the parent reports the child's verdict
+    EXPECT_EQ(rc, 1) << c.says;
+    EXPECT_NE(err.find(c.says), std::string::npos) << err;
+    struct statfs sf {};
+    ASSERT_EQ(::statfs(dir.c_str(), &sf), 0);
+    EXPECT_NE(sf.f_type, 0x65735546) << "nothing may be mounted after an error";
+  }
+  ::rmdir(dir.c_str());
+  ::unlink(img.c_str());
+}
+
+TEST(Daemon, SecondMountOfTheSameImageIsRefused) {
+  Mount m("inuse");
+  ASSERT_TRUE(m.mounted());
+  std::string dir2 = m.dir() + "2";
+  ::mkdir(dir2.c_str(), 0755);
+  auto [rc, err] = capture({kBin + "/vpmfs", m.image(), dir2, "-o", "force_persistent"});
+  EXPECT_EQ(rc, 1);
+  EXPECT_NE(err.find("in use"), std::string::npos) << err;
+  ::rmdir(dir2.c_str());
+  std::ofstream(m.path("still-fine")) << "ok";
+  EXPECT_EQ(m.unmount(), 0);
+}
+
+TEST(Daemon, MountThroughMountFuse3AndReadOnly) {
+  std::string img = scratch("mount8.img");
+  std::string dir = scratch("mount8.dir");
+  ::unlink(img.c_str());
+  ::mkdir(dir.c_str(), 0755);
+  ASSERT_EQ(capture({kBin + "/mkfs.vpmfs", "-q", "--size", "64M", img}).first, 0);
+  // mount(8) runs mount.fuse3, which runs the daemon with the options it got. Installed, the
+  // type is fuse.vpmfs and mount.fuse3 finds "vpmfs" on the PATH; mount(8) resets the PATH, so
+  // the test names the built binary with mount.fuse3's "PROGRAM#SOURCE" form instead.
+  std::string source = kBin + "/vpmfs#" + img;
+  auto [rc, err] = capture({"/bin/mount", "-t", "fuse", source, dir, "-o",
+                            "rw,nosuid,nodev,sync_dax=writeback,commit=2"});
+  ASSERT_EQ(rc, 0) << err;
+  std::ofstream(dir + "/hello") << "through mount(8)";
+  std::string mounts;
+  {
+    std::ifstream f("/proc/mounts");
+    mounts.assign(std::istreambuf_iterator<char>(f), {});
+  }
+  EXPECT_NE(mounts.find(img + " " + dir + " fuse.vpmfs rw,nosuid,nodev"), std::string::npos)
+      << mounts;
+  EXPECT_EQ(capture({"/bin/umount", dir}).first, 0);
+  // The daemon ends after the unmount; wait for its lock on the image to go.
+  int rc2 = 1;
+  for (int i = 0; i < 200 && rc2 != 0; ++i) {
+    rc2 = capture({kBin + "/fsck.vpmfs", "-n", img}).first;
+    if (rc2 != 0) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  EXPECT_EQ(rc2, 0);
+
+  // Read-only: the data is there, writes fail with EROFS.
+  auto [rc3, err3] =
+      capture({"/bin/mount", "-t", "fuse", source, dir, "-o", "ro,sync_dax=writeback"});
+  ASSERT_EQ(rc3, 0) << err3;
+  {
+    std::ifstream in(dir + "/hello");
+    std::string text((std::istreambuf_iterator<char>(in)), {});
+    EXPECT_EQ(text, "through mount(8)");
+  }
+  EXPECT_LT(::open((dir + "/new").c_str(), O_CREAT | O_WRONLY, 0644), 0);
+  EXPECT_EQ(errno, EROFS);
+  EXPECT_EQ(capture({"/bin/umount", dir}).first, 0);
+  for (int i = 0; i < 200; ++i) {
+    if (capture({kBin + "/fsck.vpmfs", "-n", img}).first == 0) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  ::rmdir(dir.c_str());
+  ::unlink(img.c_str());
+}
+
+TEST(Fsck, ExitCodesOnDamage) {
+  std::string img = scratch("fsck.img");
+  ::unlink(img.c_str());
+  ASSERT_EQ(capture({kBin + "/mkfs.vpmfs", "-q", "--size", "64M", img}).first, 0);
+  EXPECT_EQ(capture({kBin + "/fsck.vpmfs", "-n", img}).first, 0);
+  EXPECT_EQ(capture({kBin + "/fsck.vpmfs", "-n", "-y", img}).first, 16) << "usage error";
+  EXPECT_EQ(capture({kBin + "/fsck.vpmfs", "-n", img + ".missing"}).first, 8);
+  // Scribble over the image header's checksummed fields.
+  {
+    int fd = ::open(img.c_str(), O_RDWR);
+    ASSERT_GE(fd, 0);
+    ASSERT_EQ(::pwrite(fd, "XX", 2, 120), 2);
+    ::close(fd);
+  }
+  auto [rc, out] = capture({kBin + "/fsck.vpmfs", "-n", img}, /*want_stdout=*/true);
+  EXPECT_NE(rc, 0) << out;
+  auto [rc_mount, err] = capture({kBin + "/vpmfs", img, "/tmp", "-o", "sync_dax=writeback"});
+  EXPECT_EQ(rc_mount, 1);
+  EXPECT_NE(err.find("checksum"), std::string::npos) << err;
+  ::unlink(img.c_str());
+}
+
+}  // namespace
+}  // namespace vpmfs
