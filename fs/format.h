@@ -29,12 +29,43 @@ struct ImageHeader {
   int64_t created_sec;
   uint32_t sector_size;
   uint32_t lanes;
-  uint8_t reserved[3936];
+  uint64_t kill_log_offset;  // the kill log (kill_log.h); size 0: none
+  uint64_t kill_log_size;
+  uint8_t reserved[3920];
   uint64_t checksum;  // xxhash64 of the header with this field zero
 };
 static_assert(sizeof(ImageHeader) == 4096);
 static_assert(offsetof(ImageHeader, uuid) == 56);
 static_assert(offsetof(ImageHeader, checksum) == 4088);
+
+// --- kill log (between the intent log and the BTT) -----------------------------------------
+// Two halves; the running transaction's metadata checkpoints go to half (txn % 2). Only read
+// back when the boot that wrote them is still running: it covers a killed daemon, whose stores
+// the page cache keeps, never a power failure.
+inline constexpr char kKillLogMagic[8] = {'V', 'P', 'M', 'F', 'S', 'K', 'I', 'L'};
+inline constexpr uint64_t kKillRecordMagic = 0x444345524C4C494Bull;  // "KILLRECD"
+
+struct KillLogHalf {
+  char magic[8];        // "VPMFSKIL"
+  uint8_t boot_id[16];  // /proc/sys/kernel/random/boot_id of the writer
+  uint64_t txn;         // the transaction whose checkpoints follow
+  uint64_t reserved[3];
+  uint64_t checksum;  // xxhash64 of the 56 bytes above
+};
+static_assert(sizeof(KillLogHalf) == 64);
+
+// A checkpoint: the images of every metadata block changed since the previous one. Followed by
+// `count` home LBAs (padded to 64 bytes) and `count` block images.
+struct KillRecord {
+  uint64_t magic;  // "KILLRECD"
+  uint64_t txn;    // the half's txn
+  uint64_t seq;    // 1, 2, ... within the half
+  uint32_t count;
+  uint32_t reserved0;
+  uint64_t reserved[3];
+  uint64_t checksum;  // xxhash64 of this record (checksum 0), the LBAs and images, seeded with txn
+};
+static_assert(sizeof(KillRecord) == 64);
 
 // --- superblock (BTT LBA 0) -------------------------------------------------------------------
 inline constexpr uint64_t kSuperMagic = 0x4B4C425346504D56ull;  // "VMPFSBLK"

@@ -11,6 +11,7 @@
 #include <unordered_set>
 
 #include "format.h"
+#include "kill_log.h"
 #include "vpmfs/btt.h"
 #include "vpmfs/checksum.h"
 #include "vpmfs/fs.h"
@@ -40,6 +41,7 @@ class Checker {
  public:
   Checker(Region& region, bool repair, FsckReport& report)
       : region_(region), repair_(repair), report_(report) {}
+  std::optional<BootId> boot_id_;
 
   Status run() {
     ImageHeader h;
@@ -73,7 +75,9 @@ class Checker {
     btt_ = std::move(btt.value());
     bs_ = btt_->sector_size();
     if (Status s = load_superblock(); !s) return s;
-    if (Status s = journal(); !s) return s;
+    uint64_t journal_txn = 0;
+    if (Status s = journal(&journal_txn); !s) return s;
+    kill_log(h, journal_txn);
     walk();
     compare();
     if (repair_ && !report_.problems.empty()) {
@@ -122,7 +126,41 @@ class Checker {
     return Status::ok();
   }
 
-  Status journal() {
+  // The checkpoints a daemon killed on this boot left: the next mount replays them, so they
+  // are part of the state to check. Repair applies them and empties the kill log.
+  void kill_log(const ImageHeader& h, uint64_t journal_txn) {
+    std::optional<BootId> boot = boot_id_ ? boot_id_ : current_boot_id();
+    if (!boot || h.kill_log_size == 0) return;
+    KillImages pending = read_kill_log(region_, h.kill_log_offset, h.kill_log_size, bs_,
+                                       journal_txn, *boot, sb_.block_count);
+    std::size_t blocks = 0;
+    for (const auto& images : pending) {
+      for (const auto& [lba, image] : images) {
+        if (repair_) {
+          write_block(lba, image.data());
+        } else {
+          overlay_[lba] = image;
+        }
+        ++blocks;
+      }
+    }
+    if (overlay_.count(0) != 0) std::memcpy(&sb_, block(0), sizeof sb_);
+    if (blocks == 0) return;
+    if (repair_) {
+      // Applied in place. Once that is durable the journal must go, or the next mount would
+      // replay its older images over these; then the kill log may forget them.
+      (void)btt_->sync_wait();
+      std::vector<std::byte> zero(bs_);
+      write_block(sb_.journal_start, zero.data());
+      (void)btt_->sync_wait();
+      KillLog(region_, h.kill_log_offset, h.kill_log_size, bs_, *boot).clear();
+      region_.persist(h.kill_log_offset, h.kill_log_size);
+      repaired("applied " + std::to_string(blocks) +
+               " metadata blocks a killed daemon left in the kill log");
+    }
+  }
+
+  Status journal(uint64_t* txn) {
     JournalDescriptor d;
     std::memcpy(&d, block(sb_.journal_start), sizeof d);
     if (d.magic != kJournalMagic ||
@@ -141,7 +179,11 @@ class Checker {
     for (uint64_t i = 0; i < d.count; ++i) {
       sum = xxhash64(block(sb_.journal_start + desc_blocks + i), bs_, sum);
     }
-    if (sum != d.checksum) return Status::ok();
+    if (sum != d.checksum) {
+      *txn = d.sequence - 1;
+      return Status::ok();
+    }
+    *txn = d.sequence;
     // The last committed transaction: the state to check is the one after replaying it, as a
     // mount would. Replaying is idempotent, so this is not a problem in itself.
     for (uint64_t i = 0; i < d.count; ++i) {
@@ -413,11 +455,14 @@ Result<FsckReport> fsck(const std::string& image, const FsckOptions& options) {
   if (!region) return region.status();
   FsckReport report;
   Checker checker(**region, options.repair, report);
+  checker.boot_id_ = options.boot_id;
   if (Status s = checker.run(); !s) return s;
   if (options.repair && !report.problems.empty()) {
     // What a fresh check still finds is what repair could not fix.
     region->reset();
-    auto again = fsck(image, FsckOptions{false});
+    FsckOptions check_only;
+    check_only.boot_id = options.boot_id;
+    auto again = fsck(image, check_only);
     if (!again) return again.status();
     report.remaining = again->problems;
   }

@@ -67,6 +67,7 @@ Result<Attr> VolumeImpl::lookup(uint64_t parent, std::string_view name) {
 Result<Attr> VolumeImpl::make_node(uint64_t parent, std::string_view name, uint32_t mode,
                                    uint64_t rdev, uint32_t uid, uint32_t gid,
                                    std::string_view target) {
+  KillPoint kill_point{this};
   VPMFS_WRITABLE();
   if (Status s = name_ok(name); !s) return s;
   Lock lock(mu_);
@@ -154,6 +155,7 @@ Result<std::string> VolumeImpl::readlink(uint64_t ino) {
 }
 
 Result<Attr> VolumeImpl::link(uint64_t ino, uint64_t parent, std::string_view name) {
+  KillPoint kill_point{this};
   VPMFS_WRITABLE();
   if (Status s = name_ok(name); !s) return s;
   Lock lock(mu_);
@@ -238,6 +240,7 @@ void VolumeImpl::release_inode(uint64_t ino) {
 }
 
 Status VolumeImpl::unlink(uint64_t parent, std::string_view name) {
+  KillPoint kill_point{this};
   VPMFS_WRITABLE();
   if (name.size() > 255) return Status(ENAMETOOLONG, "name longer than 255 bytes");
   Lock lock(mu_);
@@ -257,6 +260,7 @@ Status VolumeImpl::unlink(uint64_t parent, std::string_view name) {
 }
 
 Status VolumeImpl::rmdir(uint64_t parent, std::string_view name) {
+  KillPoint kill_point{this};
   VPMFS_WRITABLE();
   if (name == ".") return Status(EINVAL, "cannot remove '.'");
   if (name == "..") return Status(ENOTEMPTY, "cannot remove '..'");
@@ -281,6 +285,7 @@ Status VolumeImpl::rmdir(uint64_t parent, std::string_view name) {
 
 Status VolumeImpl::rename(uint64_t parent, std::string_view name, uint64_t new_parent,
                           std::string_view new_name, uint32_t flags) {
+  KillPoint kill_point{this};
   VPMFS_WRITABLE();
   if (flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE)) return Status(EINVAL, "unknown rename flags");
   if ((flags & RENAME_NOREPLACE) && (flags & RENAME_EXCHANGE)) {
@@ -409,6 +414,7 @@ Status VolumeImpl::rename(uint64_t parent, std::string_view name, uint64_t new_p
 }
 
 Result<Attr> VolumeImpl::setattr(uint64_t ino, const SetAttr& c) {
+  KillPoint kill_point{this};
   VPMFS_WRITABLE();
   Node* n;
   {
@@ -496,6 +502,7 @@ Result<std::size_t> VolumeImpl::read(uint64_t ino, uint64_t offset, void* buf, s
 
 Result<std::size_t> VolumeImpl::write(uint64_t ino, uint64_t offset, const void* buf,
                                       std::size_t len) {
+  KillPoint kill_point{this};
   VPMFS_WRITABLE();
   if (len == 0) return std::size_t(0);
   if (offset >= kMaxFileSize || len > kMaxFileSize - offset) return Status(EFBIG, "file too large");
@@ -571,6 +578,7 @@ void VolumeImpl::hold(uint64_t ino, uint64_t count) {
 }
 
 void VolumeImpl::forget(uint64_t ino, uint64_t count) {
+  KillPoint kill_point{this};
   Lock lock(mu_);
   auto it = nodes_.find(ino);
   if (it == nodes_.end()) return;

@@ -17,7 +17,6 @@ using namespace fsfmt;
 
 namespace {
 
-
 Timestamp now() {
   timespec t;
   clock_gettime(CLOCK_REALTIME, &t);
@@ -88,7 +87,9 @@ Status Volume::mkfs(const std::string& image, const MkfsOptions& o) {
   Region& r = **region;
   uint64_t image_size = r.size();
   uint64_t intent = Btt::intent_log_size(image_size, o.lanes);
-  uint64_t btt_offset = ceil_div(kIntentLogOffset + intent, kBttAlign) * kBttAlign;
+  uint64_t kill_offset = ceil_div(kIntentLogOffset + intent, 4096) * 4096;
+  uint64_t kill_size = kill_log_size_for(image_size);
+  uint64_t btt_offset = ceil_div(kill_offset + kill_size, kBttAlign) * kBttAlign;
   if (image_size < btt_offset + (17 << 20)) {
     return Status(ENOSPC, "image of " + std::to_string(image_size) +
                               " bytes is too small: vpmfs needs at least " +
@@ -97,6 +98,9 @@ Status Volume::mkfs(const std::string& image, const MkfsOptions& o) {
   // No valid header while the rest is being written: an interrupted mkfs leaves no volume.
   r.zero(0, kImageHeaderSize);
   r.persist(0, kImageHeaderSize);
+  // No checkpoints of an earlier volume may ever be replayed into this one.
+  KillLog(r, kill_offset, kill_size, o.sector_size, BootId{}).clear();
+  r.persist(kill_offset, kill_size);
 
   Uuid uuid{};
   if (o.uuid) {
@@ -203,6 +207,8 @@ Status Volume::mkfs(const std::string& image, const MkfsOptions& o) {
   h.created_sec = sb.created_sec;
   h.sector_size = bs;
   h.lanes = o.lanes;
+  h.kill_log_offset = kill_offset;
+  h.kill_log_size = kill_size;
   h.checksum = header_checksum(h);
   r.write(0, &h, sizeof h);
   r.persist(0, sizeof h);
@@ -248,7 +254,10 @@ Status VolumeImpl::load(const std::string& image, const MountOptions& o) {
     return Status(EINVAL, image + ": unsupported image version " + std::to_string(h.version));
   }
   if (h.btt_offset % 4096 != 0 || h.btt_offset > r.size() || h.btt_size > r.size() - h.btt_offset ||
-      h.intent_log_offset + h.intent_log_size > h.btt_offset) {
+      h.intent_log_offset + h.intent_log_size > h.btt_offset ||
+      (h.kill_log_size != 0 &&
+       (h.kill_log_offset < h.intent_log_offset + h.intent_log_size ||
+        h.kill_log_size > h.btt_offset || h.kill_log_offset > h.btt_offset - h.kill_log_size))) {
     return Status(EUCLEAN, image + ": image header describes a layout beyond the image (" +
                                std::to_string(r.size()) + " bytes; truncated?)");
   }
@@ -284,12 +293,66 @@ Status VolumeImpl::load(const std::string& image, const MountOptions& o) {
     return Status(EUCLEAN, image + ": superblock geometry is inconsistent; run fsck.vpmfs");
   if (!read_only_) {
     if (Status s = replay_journal(); !s) return s;
+    if (Status s = replay_kill_log(h, o); !s) return s;
   }
   if (Status s = load_bitmaps(); !s) return s;
   if (!read_only_) {
     if (Status s = free_orphans(); !s) return s;
   }
   return Status::ok();
+}
+
+Status VolumeImpl::replay_kill_log(const ImageHeader& h, const MountOptions& o) {
+  std::optional<BootId> boot = o.boot_id ? o.boot_id : current_boot_id();
+  if (h.kill_log_size == 0 || !boot) return Status::ok();  // no kill log: commits only
+  KillImages pending = read_kill_log(*region_, h.kill_log_offset, h.kill_log_size, bs_,
+                                     journal_txn_, *boot, sb_.block_count);
+  // Each transaction's checkpoints go through a journal commit of their own, oldest first, so
+  // a crash during this replay leaves the state after one of them.
+  for (auto& images : pending) {
+    for (auto& [lba, image] : images) {
+      if (lba >= sb_.journal_start && lba < sb_.journal_start + sb_.journal_blocks) {
+        return Status(EUCLEAN, "kill log names journal block " + std::to_string(lba));
+      }
+      std::memcpy(meta_new(lba), image.data(), bs_);
+      if (lba == 0) std::memcpy(&sb_, image.data(), sizeof sb_);
+    }
+    if (Status s = commit(); !s) return s;
+  }
+  kill_dirty_.clear();
+  kill_log_ = std::make_unique<KillLog>(*region_, h.kill_log_offset, h.kill_log_size, bs_, *boot);
+  kill_log_->clear();
+  kill_log_->start(sequence_ + 1);
+  return Status::ok();
+}
+
+void VolumeImpl::checkpoint() {
+  if (!kill_log_) return;
+  {
+    Lock lock(mu_);
+    if (kill_dirty_.empty()) return;  // a concurrent checkpoint took this call's changes
+  }
+  for (int attempt = 0;; ++attempt) {
+    {
+      // Exclusive: no writer is between allocating blocks and writing their data, so no
+      // checkpoint points at data that is not there.
+      std::unique_lock gate(gate_);
+      Lock lock(mu_);
+      if (kill_dirty_.empty() || !failed_) return;
+      std::vector<uint64_t> lbas(kill_dirty_.begin(), kill_dirty_.end());
+      if (kill_log_->append(lbas, [this](uint64_t lba) { return cache_.at(lba).get(); })) {
+        kill_dirty_.clear();
+        return;
+      }
+      if (attempt > 0) {
+        // More than a whole half: the commit just done holds these changes instead.
+        kill_dirty_.clear();
+        return;
+      }
+    }
+    // This transaction's half is full: commit, which starts the next transaction's half.
+    if (!sync_wait()) return;
+  }
 }
 
 Status VolumeImpl::replay_journal() {
@@ -321,7 +384,11 @@ Status VolumeImpl::replay_journal() {
   }
   // A transaction whose images did not all reach the journal never committed: nothing of it
   // was written home either.
-  if (sum != d.checksum) return Status::ok();
+  if (sum != d.checksum) {
+    journal_txn_ = d.sequence - 1;
+    return Status::ok();
+  }
+  journal_txn_ = d.sequence;
   for (uint64_t i = 0; i < d.count; ++i) {
     if (lbas[i] >= sb_.block_count ||
         (lbas[i] >= sb_.journal_start && lbas[i] < sb_.journal_start + sb_.journal_blocks)) {
@@ -417,6 +484,7 @@ const std::byte* VolumeImpl::meta(uint64_t lba) {
 std::byte* VolumeImpl::meta_mut(uint64_t lba) {
   const std::byte* p = meta(lba);
   dirty_.insert(lba);
+  kill_dirty_.insert(lba);
   return const_cast<std::byte*>(p);
 }
 
@@ -425,6 +493,7 @@ std::byte* VolumeImpl::meta_new(uint64_t lba) {
   if (!slot) slot = std::make_unique<std::byte[]>(bs_);
   std::memset(slot.get(), 0, bs_);
   dirty_.insert(lba);
+  kill_dirty_.insert(lba);
   return slot.get();
 }
 
@@ -458,6 +527,8 @@ Status VolumeImpl::commit() {
   std::vector<uint64_t> freed;
   freed.swap(freed_);
   uint64_t seq = ++sequence_;
+  // Changes from here on belong to the next transaction, checkpointed in the other half.
+  if (kill_log_) kill_log_->start(seq + 1);
   lock.unlock();
   gate.unlock();
 

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "format.h"
+#include "kill_log.h"
 #include "vpmfs/btt.h"
 #include "vpmfs/fs.h"
 
@@ -114,6 +115,18 @@ class VolumeImpl final : public Volume {
   void release_inode(uint64_t ino);
   Attr to_attr(uint64_t ino, const fsfmt::Inode& inode) const;
 
+  // Copies the metadata blocks changed since the last checkpoint into the kill log, so that a
+  // killed daemon loses none of the changes made so far. Called by every changing call before
+  // it returns, holding no lock.
+  void checkpoint();
+  Status replay_kill_log(const fsfmt::ImageHeader& h, const MountOptions& o);
+  // Runs checkpoint() when it goes out of scope: declared first in a changing call, it runs
+  // after the call's locks are released.
+  struct KillPoint {
+    VolumeImpl* v;
+    ~KillPoint() { v->checkpoint(); }
+  };
+
   // Commits.
   void committer();
   Status commit();
@@ -133,7 +146,10 @@ class VolumeImpl final : public Volume {
   std::shared_mutex gate_;
   std::mutex mu_;  // guards everything below
   std::unordered_map<uint64_t, std::unique_ptr<std::byte[]>> cache_;
-  std::set<uint64_t> dirty_;      // blocks changed since the last commit began
+  std::set<uint64_t> dirty_;       // blocks changed since the last commit began
+  std::set<uint64_t> kill_dirty_;  // blocks changed since the last checkpoint
+  std::unique_ptr<KillLog> kill_log_;
+  uint64_t journal_txn_ = 0;      // the last transaction the journal holds whole
   std::vector<bool> block_used_;  // in-memory copies of the bitmaps
   std::vector<bool> inode_used_;
   uint64_t free_blocks_ = 0;

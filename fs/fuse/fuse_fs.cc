@@ -92,7 +92,9 @@ void op_init(void* userdata, fuse_conn_info* conn) {
   // ACLs: the kernel enforces them (this implies default_permissions) from the
   // system.posix_acl_* attributes vpmfs stores; vpmfs keeps mode and ACL in step and applies
   // default ACLs to new nodes, so it needs the umask unapplied.
-  if (d.options.default_permissions && (conn->capable & FUSE_CAP_POSIX_ACL) &&
+  auto probe = d.volume.getxattr(kRootIno, "system.posix_acl_access", nullptr, 0);
+  bool acls = probe || probe.status().error() != EOPNOTSUPP;
+  if (acls && d.options.default_permissions && (conn->capable & FUSE_CAP_POSIX_ACL) &&
       (conn->capable & FUSE_CAP_DONT_MASK)) {
     conn->want |= FUSE_CAP_POSIX_ACL | FUSE_CAP_DONT_MASK;
     d.dont_mask = true;

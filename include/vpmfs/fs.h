@@ -10,6 +10,7 @@
 #include <sys/statvfs.h>
 #include <time.h>
 
+#include <array>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -46,6 +47,10 @@ struct MountOptions {
   // Called once, from whichever thread saw it, when a failed commit or device flush turns the
   // volume read-only; the message says why.
   std::function<void(const std::string&)> on_error;
+  // The boot this mount runs in (default: the kernel's boot_id). Checkpoints a killed daemon
+  // left in the kill log are replayed only on the boot that wrote them; crash tests set another
+  // boot to model a power failure.
+  std::optional<std::array<uint8_t, 16>> boot_id;
 };
 
 struct Attr {

@@ -3,6 +3,9 @@
 // matching what the directory tree says.
 #pragma once
 
+#include <array>
+#include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -12,6 +15,9 @@ namespace vpmfs {
 
 struct FsckOptions {
   bool repair = false;  // -y / -p: fix what can be fixed
+  // The boot to check for (default: the kernel's boot_id): checkpoints a daemon killed on this
+  // boot left in the kill log are part of the state to check, as the next mount replays them.
+  std::optional<std::array<uint8_t, 16>> boot_id;
 };
 
 struct FsckReport {

@@ -5,6 +5,8 @@
 #include <fcntl.h>
 #include <unistd.h>
 
+#include <dirent.h>
+#include <array>
 #include <cstdlib>
 #include <cstring>
 #include <map>
@@ -22,6 +24,11 @@ namespace vpmfs {
 namespace {
 
 using test::TempPath;
+
+// The boot the workloads run in, and another one: a power failure reboots, so the kill log of
+// the workload's boot must never be replayed after one.
+constexpr std::array<uint8_t, 16> kWorkloadBoot{0x11, 0x22};
+constexpr std::array<uint8_t, 16> kRebootedBoot{0x33, 0x44};
 
 uint64_t scale() {
   const char* s = std::getenv("VPMFS_CRASH_SCALE");
@@ -64,6 +71,7 @@ Recording record(const std::string& path, PersistMode mode, int phases, uint64_t
   MountOptions mo;
   mo.mode = mode;
   mo.force_persistent = true;
+  mo.boot_id = kWorkloadBoot;
   auto v = std::move(Volume::mount(path, mo).value());
   Recording rec;
   rec.recorder = std::make_unique<CrashRecorder>(v->region());
@@ -119,6 +127,7 @@ std::string verify(const std::string& crashed, const Recording& rec, std::size_t
   MountOptions mo;
   mo.mode = PersistMode::direct;
   mo.force_persistent = true;
+  mo.boot_id = kRebootedBoot;
   std::string failure;
   {
     auto v = Volume::mount(crashed, mo);
@@ -149,10 +158,183 @@ std::string verify(const std::string& crashed, const Recording& rec, std::size_t
       if (!whole) return "target holds content no completed or pending rename gave it";
     }
   }
-  auto report = fsck(crashed, FsckOptions{});
+  FsckOptions fo;
+  fo.boot_id = kRebootedBoot;
+  auto report = fsck(crashed, fo);
   if (!report) return "fsck failed: " + report.status().to_string();
   if (!report->problems.empty()) return "fsck: " + report->problems.front();
   return "";
+}
+
+// --- a killed daemon ---------------------------------------------------------------------------
+// SIGKILL keeps every store the process made (the page cache has them): the crash image is a
+// prefix of the stores. Nothing is fsync'd and nothing commits on its own, so only the kill log
+// can bring the acknowledged changes back. After the kill, the volume must hold the state after
+// the last call that returned, or after the one in flight.
+
+using Tree = std::map<std::string, std::string>;  // name -> content ("/" for a directory)
+
+Tree tree_of(Volume& v, std::string* error) {
+  std::vector<DirEntry> entries;
+  Status s = v.readdir(kRootIno, 0, [&](const DirEntry& e) {
+    if (e.name != "." && e.name != "..") entries.push_back(e);
+    return true;
+  });
+  if (!s) *error = "readdir: " + s.to_string();
+  Tree t;
+  for (const auto& e : entries) {
+    t[e.name] = e.type == DT_DIR ? "/" : read_all(v, e.name, error).value_or("<unreadable>");
+  }
+  return t;
+}
+
+// A write in flight may be torn between blocks (each block is atomic): every 4 KiB block of
+// the one file it changes holds its old or its new content, and the size is old or new.
+bool torn_write(const Tree& got, const Tree& before, const Tree& after) {
+  if (got.size() != after.size()) return false;
+  for (const auto& [n, data] : got) {
+    auto b = before.find(n);
+    auto a = after.find(n);
+    if (a == after.end()) return false;
+    if (data == a->second || (b != before.end() && data == b->second)) continue;
+    if (b == before.end() || (data.size() != a->second.size() && data.size() != b->second.size())) {
+      return false;
+    }
+    for (std::size_t off = 0; off < data.size(); off += 4096) {
+      std::string piece = data.substr(off, 4096);
+      std::string old_piece = off < b->second.size() ? b->second.substr(off, 4096) : "";
+      old_piece.resize(piece.size(), '\0');
+      if (piece != a->second.substr(off, piece.size()) && piece != old_piece) return false;
+    }
+  }
+  return true;
+}
+
+struct KillRecording {
+  std::unique_ptr<CrashRecorder> recorder;
+  std::vector<std::pair<std::size_t, Tree>> states;  // events when a call returned, state after
+};
+
+KillRecording record_kill_workload(const std::string& path, PersistMode mode, int calls,
+                                   uint64_t seed) {
+  MountOptions mo;
+  mo.mode = mode;
+  mo.force_persistent = true;
+  mo.boot_id = kWorkloadBoot;
+  mo.commit_interval_ms = 3600 * 1000;  // only the calls below commit
+  auto v = std::move(Volume::mount(path, mo).value());
+  KillRecording rec;
+  rec.recorder = std::make_unique<CrashRecorder>(v->region());
+  SplitMix64 rng(seed);
+  Tree model;
+  rec.states.emplace_back(0, model);
+  for (int c = 0; c < calls; ++c) {
+    std::string n = name('k', int(rng.below(6)));
+    switch (rng.below(6)) {
+      case 0:
+      case 1: {  // create or overwrite, growing across blocks
+        std::string data = content(seed * 100 + c, 1 + rng.below(12000));
+        auto a = v->lookup(kRootIno, n);
+        if (!a && model.count(n) == 0) {
+          a = v->mknod(kRootIno, n, S_IFREG | 0644, 0, 0, 0);
+          if (!a) break;
+          model[n] = "";  // the create is a call of its own
+          rec.states.emplace_back(rec.recorder->events(), model);
+        }
+        if (!a || S_ISDIR(a->mode)) break;
+        EXPECT_TRUE(v->write(a->ino, 0, data.data(), data.size()));
+        std::string& m = model[n];
+        if (m.size() < data.size()) m.resize(data.size());
+        m.replace(0, data.size(), data);
+        break;
+      }
+      case 2:
+        if (model.count(n) != 0 && model[n] != "/" && v->unlink(kRootIno, n)) model.erase(n);
+        break;
+      case 3: {
+        std::string to = name('k', int(rng.below(6)));
+        if (model.count(n) != 0 && model[n] != "/" && model.count(to) != 0 && model[to] != "/" &&
+            n != to && v->rename(kRootIno, n, kRootIno, to, 0)) {
+          model[to] = model[n];
+          model.erase(n);
+        }
+        break;
+      }
+      case 4:
+        if (model.count(n) == 0 && v->mkdir(kRootIno, n, 0755, 0, 0)) model[n] = "/";
+        break;
+      case 5:
+        if (rng.below(3) == 0) {
+          EXPECT_TRUE(v->sync_wait());  // a commit in between
+        }
+        break;
+    }
+    rec.states.emplace_back(rec.recorder->events(), model);
+  }
+  rec.recorder->detach();
+  return rec;
+}
+
+TEST(FsCrash, KilledDaemonLosesNothingAcknowledged) {
+  uint64_t points = 0;
+  for (PersistMode mode : {PersistMode::direct, PersistMode::writeback}) {
+    for (uint64_t run = 0; run < scale(); ++run) {
+      TempPath path("fskill-src.img");
+      TempPath crashed("fskill-dst.img");
+      MkfsOptions mk;
+      mk.size = 20 << 20;
+      mk.force_persistent = true;
+      mk.lanes = 64;
+      ASSERT_TRUE(Volume::mkfs(path, mk));
+      KillRecording rec = record_kill_workload(path, mode, 60, 11 + run);
+      std::size_t total = rec.recorder->events();
+      std::size_t stride = std::max<std::size_t>(1, total / 150);
+      for (std::size_t cut = 0; cut <= total; cut += stride) {
+        auto image = rec.recorder->prefix_image(cut);
+        {
+          int fd = ::open(crashed.str().c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+          ASSERT_GE(fd, 0);
+          ASSERT_EQ(::pwrite(fd, image.data(), image.size(), 0), ssize_t(image.size()));
+          ::close(fd);
+        }
+        // The last call that returned before the kill, and the one in flight.
+        std::size_t done = 0;
+        while (done + 1 < rec.states.size() && rec.states[done + 1].first <= cut) ++done;
+        std::string failure;
+        {
+          MountOptions mo;
+          mo.mode = PersistMode::direct;
+          mo.force_persistent = true;
+          mo.boot_id = kWorkloadBoot;
+          auto v = Volume::mount(crashed, mo);
+          ASSERT_TRUE(v) << "cut " << cut << ": " << v.status().to_string();
+          Tree got = tree_of(**v, &failure);
+          ASSERT_EQ(failure, "") << "cut " << cut;
+          const Tree& before = rec.states[done].second;
+          const Tree& after = done + 1 < rec.states.size() ? rec.states[done + 1].second : before;
+          bool ok = got == before || got == after || torn_write(got, before, after);
+          for (const auto& [n, data] : got) {
+            if (!ok && before.count(n) != 0 && before.at(n) != data) {
+              std::printf("%s: %zu bytes, before %zu, after %zu\n", n.c_str(), data.size(),
+                          before.at(n).size(), after.count(n) ? after.at(n).size() : 0);
+            }
+          }
+          ASSERT_TRUE(ok) << to_string(mode) << " kill at event " << cut << " of " << total
+                          << ": the volume lost a change acknowledged before the kill ("
+                          << got.size() << " names, expected " << rec.states[done].second.size()
+                          << ")";
+        }
+        FsckOptions fo;
+        fo.boot_id = kWorkloadBoot;
+        auto report = fsck(crashed, fo);
+        ASSERT_TRUE(report) << report.status().to_string();
+        ASSERT_TRUE(report->problems.empty()) << "cut " << cut << ": " << report->problems[0];
+        ++points;
+      }
+    }
+  }
+  std::printf("kill model: %llu kill points\n", (unsigned long long)points);
+  EXPECT_GE(points, 200u * scale());
 }
 
 uint64_t crash_points(PersistMode mode, CrashModel model, int phases, uint64_t stride,
