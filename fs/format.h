@@ -154,6 +154,39 @@ inline uint32_t dir_record_len(std::size_t name_len) {
   return uint32_t((sizeof(DirRecordHeader) + name_len + 7) & ~std::size_t(7));
 }
 
+// --- xattr blocks -----------------------------------------------------------------------------
+// An inode's extended attributes (POSIX ACLs among them) live in one block, Inode.xattr_block,
+// counted in Inode.blocks. It is metadata, written through the journal like directory blocks.
+// The header is followed by `count` entries back to back, each an XattrEntry, the full name
+// (namespace prefix included, no NUL), the value, and zeros up to a multiple of 8 bytes. Every
+// byte after the last entry is zero. An inode without attributes has no block.
+inline constexpr uint64_t kXattrMagic = 0x5254415853464D56ull;  // "VMFSXATR"
+
+struct XattrHeader {
+  uint64_t magic;     // "VMFSXATR"
+  uint64_t ino;       // the owner
+  uint32_t count;     // entries
+  uint32_t used;      // bytes of entries after the header, a multiple of 8
+  uint64_t reserved;  // zero
+  uint64_t checksum;  // xxhash64 of the whole block with this field zero, seeded with the owner
+};
+static_assert(sizeof(XattrHeader) == 40);
+static_assert(offsetof(XattrHeader, count) == 16);
+static_assert(offsetof(XattrHeader, checksum) == 32);
+
+struct XattrEntry {
+  uint8_t name_len;    // 1..255
+  uint8_t reserved0;   // zero
+  uint16_t reserved1;  // zero
+  uint32_t value_len;
+  // then the name, the value, zero padding to a multiple of 8
+};
+static_assert(sizeof(XattrEntry) == 8);
+
+inline uint32_t xattr_entry_len(std::size_t name_len, std::size_t value_len) {
+  return uint32_t((sizeof(XattrEntry) + name_len + value_len + 7) & ~std::size_t(7));
+}
+
 // --- journal ----------------------------------------------------------------------------------
 // One transaction at a time, from the journal's first block: a descriptor naming the home block
 // of each image, then the images. Replay applies them if the descriptor's checksum covers them.

@@ -15,6 +15,7 @@
 #include "vpmfs/btt.h"
 #include "vpmfs/checksum.h"
 #include "vpmfs/fs.h"
+#include "xattr.h"
 
 namespace vpmfs {
 
@@ -82,6 +83,20 @@ class Checker {
     compare();
     if (repair_ && !report_.problems.empty()) {
       if (Status s = btt_->sync_wait(); !s) return s;
+      if (journal_txn != 0) {
+        // The journal's images are home (journal() wrote them) and the repairs are durable
+        // over them: the journal must go, or the next mount would replay those older images
+        // over the repairs. Transaction numbers start again from an empty journal, so first
+        // the kill log goes too, lest its checkpoints of older transactions look newer (any
+        // still pending were applied above).
+        if (h.kill_log_size != 0) {
+          KillLog(region_, h.kill_log_offset, h.kill_log_size, bs_, BootId{}).clear();
+          region_.persist(h.kill_log_offset, h.kill_log_size);
+        }
+        std::vector<std::byte> zero(bs_);
+        write_block(sb_.journal_start, zero.data());
+        if (Status s = btt_->sync_wait(); !s) return s;
+      }
     }
     return Status::ok();
   }
@@ -229,6 +244,7 @@ class Checker {
       ++owned_[ino];
       return true;
     };
+    xattr_block_of(ino, in, claim);
     std::function<void(uint64_t, int, uint64_t, uint64_t)> walk =
         [&](uint64_t p, int level, uint64_t base, uint64_t span) {
           if (!claim(p)) return;
@@ -253,6 +269,39 @@ class Checker {
       base += span;
       span *= per;
     }
+  }
+
+  // An inode's xattr block: owned by it and counted in its blocks. A damaged one (outside the
+  // data area, owned twice, failing its checksum or format) is a problem; repair drops it,
+  // with every attribute in it, rather than guess at what it held.
+  void xattr_block_of(uint64_t ino, const Inode& in, const std::function<bool(uint64_t)>& claim) {
+    const uint64_t lba = in.xattr_block;
+    if (lba == 0) return;
+    std::string why;
+    if (lba < sb_.data_start || lba >= sb_.block_count) {
+      why = "outside the data area";
+    } else if (owner_.count(lba) != 0) {
+      why = str("also owned by inode %llu", (unsigned long long)owner_[lba]);
+    } else if (auto entries = xattr::decode(block(lba), bs_, ino); !entries) {
+      why = entries.status().message();
+    }
+    if (why.empty()) {
+      claim(lba);
+      return;
+    }
+    problem(str("inode %llu: xattr block %llu is damaged (%s)", (unsigned long long)ino,
+                (unsigned long long)lba, why.c_str()));
+    if (!repair_) {
+      // Counted as the inode's, so that this is the one problem reported for it.
+      if (lba >= sb_.data_start && lba < sb_.block_count && owner_.count(lba) == 0) claim(lba);
+      return;
+    }
+    Inode fixed = in;
+    fixed.xattr_block = 0;
+    if (fixed.blocks > 0) --fixed.blocks;
+    put_inode(ino, fixed);
+    repaired(str("inode %llu: dropped its damaged xattr block %llu", (unsigned long long)ino,
+                 (unsigned long long)lba));
   }
 
   void walk() {
@@ -454,9 +503,12 @@ Result<FsckReport> fsck(const std::string& image, const FsckOptions& options) {
   }
   if (!region) return region.status();
   FsckReport report;
-  Checker checker(**region, options.repair, report);
-  checker.boot_id_ = options.boot_id;
-  if (Status s = checker.run(); !s) return s;
+  {
+    // Gone before the region is: its BTT uses the region until it is destroyed.
+    Checker checker(**region, options.repair, report);
+    checker.boot_id_ = options.boot_id;
+    if (Status s = checker.run(); !s) return s;
+  }
   if (options.repair && !report.problems.empty()) {
     // What a fresh check still finds is what repair could not fix.
     region->reset();

@@ -1,7 +1,11 @@
 // The POSIX operations of the filesystem.
 #include <dirent.h>
+#include <linux/falloc.h>
 #include <linux/fs.h>
+#include <sys/xattr.h>
+#include <unistd.h>
 
+#include <algorithm>
 #include <cstring>
 
 #include "volume.h"
@@ -29,6 +33,10 @@ Status name_ok(std::string_view name) {
 }
 
 constexpr uint64_t kMaxFileSize = 16ull << 40;  // 16 TiB
+
+uint64_t ceil_div(uint64_t a, uint64_t b) {
+  return (a + b - 1) / b;
+}
 
 }  // namespace
 
@@ -66,7 +74,7 @@ Result<Attr> VolumeImpl::lookup(uint64_t parent, std::string_view name) {
 
 Result<Attr> VolumeImpl::make_node(uint64_t parent, std::string_view name, uint32_t mode,
                                    uint64_t rdev, uint32_t uid, uint32_t gid,
-                                   std::string_view target) {
+                                   std::string_view target, uint32_t umask) {
   KillPoint kill_point{this};
   VPMFS_WRITABLE();
   if (Status s = name_ok(name); !s) return s;
@@ -77,6 +85,26 @@ Result<Attr> VolumeImpl::make_node(uint64_t parent, std::string_view name, uint3
   if (!S_ISDIR(dir->mode)) return Status(ENOTDIR, "not a directory");
   if (dir->nlink == 0) return Status(ENOENT, "directory was removed");
   if (dir_find(parent, *dir, name, nullptr)) return Status(EEXIST, std::string(name) + " exists");
+  // A directory's default ACL stands in for the umask (POSIX.1e): the new node's access ACL is
+  // the default masked with the mode asked for, and a new directory inherits the default too.
+  // Symlinks have no ACLs.
+  xattr::Entries inherited;
+  bool masked_by_acl = false;
+  if (!S_ISLNK(mode) && dir->xattr_block != 0) {
+    auto entries = xattr_load(parent, *dir);
+    if (!entries) return entries.status();
+    if (const xattr::Entry* def = xattr::find(*entries, xattr::kAclDefault)) {
+      auto acl = xattr::acl_parse(def->value);
+      if (acl && !acl->empty()) {
+        masked_by_acl = true;
+        if (xattr::acl_create(*acl, &mode)) {
+          inherited.push_back({std::string(xattr::kAclAccess), xattr::acl_encode(*acl)});
+        }
+        if (S_ISDIR(mode)) inherited.push_back(*def);
+      }
+    }
+  }
+  if (!masked_by_acl && !S_ISLNK(mode)) mode &= ~(umask & 0777);
   auto ino = ialloc();
   if (!ino) return ino.status();
   Inode inode{};
@@ -107,8 +135,14 @@ Result<Attr> VolumeImpl::make_node(uint64_t parent, std::string_view name, uint3
       std::memcpy(p, target.data(), std::min<std::size_t>(target.size(), bs_));
     }
   }
+  if (Status s = xattr_store(*ino, inode, inherited); !s) {
+    truncate_blocks(inode, 0);
+    ifree(*ino);
+    return s;
+  }
   if (Status s = dir_add(parent, *dir, name, *ino, IFTODT(mode)); !s) {
     truncate_blocks(inode, 0);
+    xattr_free(inode);
     ifree(*ino);
     return s;
   }
@@ -123,13 +157,12 @@ Result<Attr> VolumeImpl::mknod(uint64_t parent, std::string_view name, uint32_t 
                                uint32_t uid, uint32_t gid, uint32_t umask) {
   if (S_ISDIR(mode) || S_ISLNK(mode)) return Status(EINVAL, "mknod cannot make this type");
   if ((mode & S_IFMT) == 0) mode |= S_IFREG;
-  mode &= ~(umask & 0777);
-  return make_node(parent, name, mode, rdev, uid, gid, {});
+  return make_node(parent, name, mode, rdev, uid, gid, {}, umask);
 }
 
 Result<Attr> VolumeImpl::mkdir(uint64_t parent, std::string_view name, uint32_t mode, uint32_t uid,
                                uint32_t gid, uint32_t umask) {
-  return make_node(parent, name, S_IFDIR | (mode & 07777 & ~(umask & 0777)), 0, uid, gid, {});
+  return make_node(parent, name, S_IFDIR | (mode & 07777), 0, uid, gid, {}, umask);
 }
 
 Result<Attr> VolumeImpl::symlink(uint64_t parent, std::string_view name, std::string_view target,
@@ -138,7 +171,7 @@ Result<Attr> VolumeImpl::symlink(uint64_t parent, std::string_view name, std::st
   if (target.size() >= 4096 || target.size() > bs_) {
     return Status(ENAMETOOLONG, "symlink target too long");
   }
-  return make_node(parent, name, S_IFLNK | 0777, 0, uid, gid, target);
+  return make_node(parent, name, S_IFLNK | 0777, 0, uid, gid, target, 0);
 }
 
 Result<std::string> VolumeImpl::readlink(uint64_t ino) {
@@ -206,6 +239,7 @@ Status VolumeImpl::drop_link(uint64_t ino, Inode& inode) {
     return Status::ok();
   }
   if (Status s = truncate_blocks(inode, 0); !s) return s;
+  xattr_free(inode);
   ifree(ino);
   return Status::ok();
 }
@@ -236,6 +270,7 @@ void VolumeImpl::release_inode(uint64_t ino) {
   }
   orphans_.erase(ino);
   truncate_blocks(*inode, 0);
+  xattr_free(*inode);
   ifree(ino);
 }
 
@@ -429,6 +464,21 @@ Result<Attr> VolumeImpl::setattr(uint64_t ino, const SetAttr& c) {
   if (!inode) return inode.status();
   Timestamp t = now();
   if (c.mode) inode->mode = (inode->mode & S_IFMT) | (*c.mode & 07777);
+  // chmod rewrites a stored access ACL to match (posix_acl_chmod). Worked out before anything
+  // changes, stored after: the block exists and keeps its size, so storing cannot fail.
+  std::optional<xattr::Entries> chmodded;
+  if (c.mode && inode->xattr_block != 0) {
+    auto entries = xattr_load(ino, *inode);
+    if (!entries) return entries.status();
+    if (xattr::Entry* e = xattr::find(*entries, xattr::kAclAccess)) {
+      auto acl = xattr::acl_parse(e->value);
+      if (acl && !acl->empty()) {
+        xattr::acl_chmod(*acl, inode->mode);
+        e->value = xattr::acl_encode(*acl);
+        chmodded = std::move(*entries);
+      }
+    }
+  }
   if (c.uid) inode->uid = *c.uid;
   if (c.gid) inode->gid = *c.gid;
   if (c.atime) set_times(*inode, Timestamp{c.atime->tv_sec, uint32_t(c.atime->tv_nsec)}, kAtime);
@@ -453,6 +503,9 @@ Result<Attr> VolumeImpl::setattr(uint64_t ino, const SetAttr& c) {
     }
     inode->size = *c.size;
     if (!c.mtime) set_times(*inode, t, kMtime);
+  }
+  if (chmodded) {
+    if (Status s = xattr_store(ino, *inode, *chmodded); !s) return s;
   }
   set_times(*inode, t, kCtime);
   iput(ino, *inode);
@@ -603,26 +656,524 @@ struct statvfs VolumeImpl::statfs() {
   return s;
 }
 
-// --- not yet implemented ----------------------------------------------------------------------
+// --- extended attributes and ACLs -------------------------------------------------------------
 
-Result<std::size_t> VolumeImpl::getxattr(uint64_t, std::string_view, void*, std::size_t) {
-  return Status(EOPNOTSUPP, "xattrs are not implemented yet");
+Result<xattr::Entries> VolumeImpl::xattr_load(uint64_t ino, const Inode& inode) {
+  if (inode.xattr_block == 0) return xattr::Entries{};
+  if (inode.xattr_block < sb_.data_start || inode.xattr_block >= sb_.block_count) {
+    return Status(EUCLEAN, "inode " + std::to_string(ino) +
+                               " names an xattr block outside the data area; run fsck.vpmfs");
+  }
+  auto entries = xattr::decode(meta(inode.xattr_block), bs_, ino);
+  if (!entries) return Status(EUCLEAN, entries.status().message() + "; run fsck.vpmfs");
+  return entries;
 }
-Status VolumeImpl::setxattr(uint64_t, std::string_view, const void*, std::size_t, int) {
-  return Status(EOPNOTSUPP, "xattrs are not implemented yet");
+
+Status VolumeImpl::xattr_store(uint64_t ino, Inode& inode, const xattr::Entries& entries) {
+  if (entries.empty()) {
+    xattr_free(inode);
+    return Status::ok();
+  }
+  // One block per inode, as ext4 without ea_inode: what does not fit is ENOSPC.
+  if (xattr::encoded_size(entries) > bs_) {
+    return Status(ENOSPC, "no room left in the inode's extended attribute block");
+  }
+  std::byte* p;
+  if (inode.xattr_block == 0) {
+    auto b = balloc();
+    if (!b) return b.status();
+    inode.xattr_block = *b;
+    ++inode.blocks;
+    p = meta_new(*b);
+  } else {
+    p = meta_mut(inode.xattr_block);
+  }
+  xattr::encode(entries, p, bs_, ino);
+  return Status::ok();
 }
-Result<std::size_t> VolumeImpl::listxattr(uint64_t, char*, std::size_t) {
-  return Status(EOPNOTSUPP, "xattrs are not implemented yet");
+
+void VolumeImpl::xattr_free(Inode& inode) {
+  if (inode.xattr_block == 0) return;
+  bfree(inode.xattr_block);
+  --inode.blocks;
+  inode.xattr_block = 0;
 }
-Status VolumeImpl::removexattr(uint64_t, std::string_view) {
-  return Status(EOPNOTSUPP, "xattrs are not implemented yet");
+
+Status VolumeImpl::acl_set(uint64_t ino, Inode& inode, xattr::Space space, std::string_view value) {
+  if (S_ISLNK(inode.mode)) return Status(EOPNOTSUPP, "symlinks have no ACLs");
+  auto acl = xattr::acl_parse(value);
+  if (!acl) return acl.status();
+  const bool access = space == xattr::Space::acl_access;
+  if (!access && !S_ISDIR(inode.mode)) {
+    // As Linux: only directories have a default ACL; removing one elsewhere is a no-op.
+    if (!acl->empty()) return Status(EACCES, "only directories have default ACLs");
+    return Status::ok();
+  }
+  auto entries = xattr_load(ino, inode);
+  if (!entries) return entries.status();
+  const std::string_view name = access ? xattr::kAclAccess : xattr::kAclDefault;
+  uint32_t mode = inode.mode;
+  // An access ACL of the three base entries says no more than the permission bits: it is
+  // kept as the mode alone (posix_acl_equiv_mode), and any stored one goes.
+  bool store = !acl->empty() && (!access || xattr::acl_mode(*acl, &mode));
+  std::erase_if(*entries, [&](const xattr::Entry& e) { return e.name == name; });
+  if (store) entries->push_back({std::string(name), xattr::acl_encode(*acl)});
+  if (Status s = xattr_store(ino, inode, *entries); !s) return s;
+  inode.mode = mode;
+  return Status::ok();
 }
-Status VolumeImpl::fallocate(uint64_t, int, uint64_t, uint64_t) {
-  return Status(EOPNOTSUPP, "fallocate is not implemented yet");
+
+Result<std::size_t> VolumeImpl::getxattr(uint64_t ino, std::string_view name, void* buf,
+                                         std::size_t size) {
+  auto space = xattr::classify(name);
+  if (!space) return space.status();
+  Lock lock(mu_);
+  auto inode = iget(ino);
+  if (!inode) return inode.status();
+  if (*space == xattr::Space::user && !S_ISREG(inode->mode) && !S_ISDIR(inode->mode)) {
+    return Status(ENODATA, "only files and directories have user attributes");
+  }
+  auto entries = xattr_load(ino, *inode);
+  if (!entries) return entries.status();
+  const xattr::Entry* e = xattr::find(*entries, name);
+  if (e == nullptr) return Status(ENODATA, "no attribute " + std::string(name));
+  if (size == 0) return e->value.size();
+  if (size < e->value.size()) return Status(ERANGE, "buffer too small for the attribute");
+  std::memcpy(buf, e->value.data(), e->value.size());
+  return e->value.size();
 }
-Result<uint64_t> VolumeImpl::seek_data(uint64_t, uint64_t, int) {
-  return Status(EOPNOTSUPP, "SEEK_DATA and SEEK_HOLE are not implemented yet");
+
+Status VolumeImpl::setxattr(uint64_t ino, std::string_view name, const void* value,
+                            std::size_t size, int flags) {
+  KillPoint kill_point{this};
+  VPMFS_WRITABLE();
+  if (flags & ~(XATTR_CREATE | XATTR_REPLACE)) return Status(EINVAL, "unknown setxattr flags");
+  auto space = xattr::classify(name);
+  if (!space) return space.status();
+  if (size > xattr::kSizeMax) return Status(E2BIG, "attribute value larger than 64 KiB");
+  if (size > 0 && value == nullptr) return Status(EFAULT, "no attribute value");
+  std::string_view v(static_cast<const char*>(value), size);
+  Lock lock(mu_);
+  throttle(lock);
+  auto inode = iget(ino);
+  if (!inode) return inode.status();
+  // As Linux: user attributes are for the owner's data, so only files and directories.
+  if (*space == xattr::Space::user && !S_ISREG(inode->mode) && !S_ISDIR(inode->mode)) {
+    return Status(EPERM, "only files and directories take user attributes");
+  }
+  if (*space == xattr::Space::acl_access || *space == xattr::Space::acl_default) {
+    // ACLs are set whole, as the kernel does, whatever XATTR_CREATE or XATTR_REPLACE say.
+    if (Status s = acl_set(ino, *inode, *space, v); !s) return s;
+  } else {
+    auto entries = xattr_load(ino, *inode);
+    if (!entries) return entries.status();
+    xattr::Entry* e = xattr::find(*entries, name);
+    if (e != nullptr && (flags & XATTR_CREATE)) {
+      return Status(EEXIST, std::string(name) + " exists");
+    }
+    if (e == nullptr && (flags & XATTR_REPLACE)) {
+      return Status(ENODATA, "no attribute " + std::string(name));
+    }
+    if (e != nullptr) {
+      e->value.assign(v);
+    } else {
+      entries->push_back({std::string(name), std::string(v)});
+    }
+    if (Status s = xattr_store(ino, *inode, *entries); !s) return s;
+  }
+  set_times(*inode, now(), kCtime);
+  iput(ino, *inode);
+  return Status::ok();
+}
+
+Result<std::size_t> VolumeImpl::listxattr(uint64_t ino, char* buf, std::size_t size) {
+  Lock lock(mu_);
+  auto inode = iget(ino);
+  if (!inode) return inode.status();
+  auto entries = xattr_load(ino, *inode);
+  if (!entries) return entries.status();
+  std::size_t total = 0;
+  for (const xattr::Entry& e : *entries) total += e.name.size() + 1;
+  if (size == 0) return total;
+  if (size < total) return Status(ERANGE, "buffer too small for the attribute names");
+  for (const xattr::Entry& e : *entries) {
+    std::memcpy(buf, e.name.c_str(), e.name.size() + 1);
+    buf += e.name.size() + 1;
+  }
+  return total;
+}
+
+Status VolumeImpl::removexattr(uint64_t ino, std::string_view name) {
+  KillPoint kill_point{this};
+  VPMFS_WRITABLE();
+  auto space = xattr::classify(name);
+  if (!space) return space.status();
+  Lock lock(mu_);
+  throttle(lock);
+  auto inode = iget(ino);
+  if (!inode) return inode.status();
+  if (*space == xattr::Space::user && !S_ISREG(inode->mode) && !S_ISDIR(inode->mode)) {
+    return Status(EPERM, "only files and directories take user attributes");
+  }
+  auto entries = xattr_load(ino, *inode);
+  if (!entries) return entries.status();
+  const bool acl = *space == xattr::Space::acl_access || *space == xattr::Space::acl_default;
+  if (xattr::find(*entries, name) == nullptr) {
+    // Removing an ACL there is none of succeeds, as on Linux (it sets a null ACL).
+    if (acl) return Status::ok();
+    return Status(ENODATA, "no attribute " + std::string(name));
+  }
+  if (acl) {
+    if (Status s = acl_set(ino, *inode, *space, {}); !s) return s;
+  } else {
+    std::erase_if(*entries, [&](const xattr::Entry& e) { return e.name == name; });
+    if (Status s = xattr_store(ino, *inode, *entries); !s) return s;
+  }
+  set_times(*inode, now(), kCtime);
+  iput(ino, *inode);
+  return Status::ok();
+}
+
+// --- block map walks --------------------------------------------------------------------------
+
+uint64_t VolumeImpl::map_capacity() const {
+  const uint64_t per = bs_ / 8;
+  return kDirect + per + per * per + per * per * per + per * per * per * per;
+}
+
+void VolumeImpl::map_walk(const Inode& inode, uint64_t lo, uint64_t hi,
+                          const std::function<bool(const MapRun&)>& fn) {
+  const uint64_t per = bs_ / 8;
+  // The node `p` at `level` covers file blocks [base, base + span); returns false to stop.
+  std::function<bool(uint64_t, int, uint64_t, uint64_t)> visit =
+      [&](uint64_t p, int level, uint64_t base, uint64_t span) -> bool {
+    uint64_t a = std::max(base, lo), b = std::min(base + span, hi);
+    if (a >= b) return true;
+    if (p == 0) return fn(MapRun{a, b - a, 0, level, base});  // a whole missing subtree at once
+    if (level == 0) return fn(MapRun{a, 1, p, 0, base});
+    uint64_t child = span / per;
+    for (uint64_t i = (a - base) / child; i <= (b - 1 - base) / child; ++i) {
+      uint64_t c;
+      std::memcpy(&c, meta(p) + i * 8, 8);
+      if (!visit(c, level - 1, base + i * child, child)) return false;
+    }
+    return true;
+  };
+  for (uint64_t i = lo; i < std::min<uint64_t>(hi, kDirect); ++i) {
+    if (!visit(inode.ptr[i], 0, i, 1)) return;
+  }
+  uint64_t base = kDirect, span = per;
+  for (int level = 1; level <= 4 && base < hi; ++level) {
+    if (!visit(inode.ptr[kDirect + level - 1], level, base, span)) return;
+    base += span;
+    span *= per;
+  }
+}
+
+uint64_t VolumeImpl::map_need(const Inode& inode, uint64_t lo, uint64_t hi) {
+  const uint64_t per = bs_ / 8;
+  uint64_t need = 0;
+  map_walk(inode, lo, hi, [&](const MapRun& r) {
+    if (r.lba != 0) return true;
+    need += r.count;
+    // Plus the pointer blocks of the missing subtree that the run passes through, level by
+    // level: those whose span of file blocks meets [r.fb, r.fb + r.count).
+    uint64_t span = 1;
+    for (int k = 1; k <= r.level; ++k) {
+      span *= per;
+      need += (r.fb + r.count - 1 - r.base) / span - (r.fb - r.base) / span + 1;
+    }
+    return true;
+  });
+  return need;
+}
+
+void VolumeImpl::punch_blocks(Inode& inode, uint64_t lo, uint64_t hi) {
+  const uint64_t per = bs_ / 8;
+  // Frees what of [lo, hi) lies under pointer block `p`; true if `p` went too, having nothing
+  // left under it.
+  std::function<bool(uint64_t, int, uint64_t, uint64_t)> punch =
+      [&](uint64_t p, int level, uint64_t base, uint64_t span) -> bool {
+    uint64_t a = std::max(base, lo), b = std::min(base + span, hi);
+    uint64_t child = span / per;
+    for (uint64_t i = (a - base) / child; i <= (b - 1 - base) / child; ++i) {
+      uint64_t c;
+      std::memcpy(&c, meta(p) + i * 8, 8);
+      if (c == 0) continue;
+      bool gone = true;
+      if (level == 1) {
+        bfree(c);  // a data block, inside [lo, hi) as child spans are 1
+        --inode.blocks;
+      } else {
+        gone = punch(c, level - 1, base + i * child, child);
+      }
+      if (gone) {
+        uint64_t zero = 0;
+        std::memcpy(meta_mut(p) + i * 8, &zero, 8);
+      }
+    }
+    const std::byte* q = meta(p);
+    for (uint64_t i = 0; i < per; ++i) {
+      uint64_t c;
+      std::memcpy(&c, q + i * 8, 8);
+      if (c != 0) return false;
+    }
+    bfree(p);
+    --inode.blocks;
+    return true;
+  };
+  for (uint64_t i = lo; i < std::min<uint64_t>(hi, kDirect); ++i) {
+    if (inode.ptr[i] != 0) {
+      bfree(inode.ptr[i]);
+      --inode.blocks;
+      inode.ptr[i] = 0;
+    }
+  }
+  uint64_t base = kDirect, span = per;
+  for (int level = 1; level <= 4 && base < hi; ++level) {
+    uint64_t& p = inode.ptr[kDirect + level - 1];
+    if (p != 0 && base + span > lo && punch(p, level, base, span)) p = 0;
+    base += span;
+    span *= per;
+  }
+}
+
+// --- fallocate and SEEK_DATA / SEEK_HOLE ------------------------------------------------------
+
+Status VolumeImpl::fallocate(uint64_t ino, int mode, uint64_t offset, uint64_t length) {
+  KillPoint kill_point{this};
+  VPMFS_WRITABLE();
+  constexpr int kKeep = FALLOC_FL_KEEP_SIZE, kPunch = FALLOC_FL_PUNCH_HOLE,
+                kZero = FALLOC_FL_ZERO_RANGE;
+  // The checks in the order vfs_fallocate makes them.
+  if (length == 0) return Status(EINVAL, "fallocate of no bytes");
+  if (mode & ~(kKeep | kPunch | kZero)) return Status(EOPNOTSUPP, "fallocate mode not supported");
+  if ((mode & kPunch) && (mode & kZero)) {
+    return Status(EINVAL, "FALLOC_FL_PUNCH_HOLE and FALLOC_FL_ZERO_RANGE together");
+  }
+  if ((mode & kPunch) && !(mode & kKeep)) {
+    return Status(EOPNOTSUPP, "FALLOC_FL_PUNCH_HOLE needs FALLOC_FL_KEEP_SIZE");
+  }
+  Node* n;
+  {
+    Lock lock(mu_);
+    n = &node(ino);
+  }
+  // No read or write of this file meanwhile: blocks come and go under them.
+  std::unique_lock io(n->io);
+  {
+    Lock lock(mu_);
+    auto inode = iget(ino);
+    if (!inode) return inode.status();
+    if (S_ISDIR(inode->mode)) return Status(EISDIR, "is a directory");
+    if (S_ISFIFO(inode->mode)) return Status(ESPIPE, "is a fifo");
+    if (!S_ISREG(inode->mode)) return Status(ENODEV, "not a regular file");
+  }
+  if (offset > kMaxFileSize || length > kMaxFileSize - offset ||
+      ceil_div(offset + length, bs_) > map_capacity()) {
+    return Status(EFBIG, "file too large");
+  }
+  if (mode & kPunch) return fallocate_punch(ino, offset, offset + length);
+  return fallocate_allocate(ino, offset, offset + length, mode & kZero, mode & kKeep);
+}
+
+Status VolumeImpl::fallocate_allocate(uint64_t ino, uint64_t offset, uint64_t end, bool zero,
+                                      bool keep) {
+  const uint64_t first = offset / bs_, last = ceil_div(end, bs_);
+  // 1. Reserve every block the whole range needs before changing anything: ENOSPC leaves the
+  //    file as it was, and nothing can take the blocks while the range is done in pieces.
+  uint64_t mine = 0;
+  for (int attempt = 0;; ++attempt) {
+    Lock lock(mu_);
+    throttle(lock);
+    auto inode = iget(ino);
+    if (!inode) return inode.status();
+    uint64_t need = map_need(*inode, first, last);
+    uint64_t usable = free_blocks_ - std::min(free_blocks_, quarantine_.size() + reserved_);
+    if (need <= usable) {
+      reserved_ += need;
+      mine = need;
+      break;
+    }
+    if (attempt > 0 || quarantine_.empty()) {
+      return Status(ENOSPC, "fallocate needs " + std::to_string(need) + " blocks, " +
+                                std::to_string(usable) + " are free");
+    }
+    // Blocks freed in the running transaction become usable once it commits.
+    lock.unlock();
+    if (Status s = sync_wait(); !s) return s;
+  }
+  struct Release {
+    VolumeImpl* v;
+    uint64_t& left;
+    ~Release() {
+      Lock lock(v->mu_);
+      v->reserved_ -= left;
+    }
+  } release{this, mine};
+
+  // 2. The range in pieces small enough for one transaction each (a few dozen metadata
+  //    blocks), as writes are: each piece leaves a consistent file, zeros where it allocated.
+  const uint64_t piece = uint64_t(bs_ / 8) * 8;
+  for (uint64_t lo = first; lo < last;) {
+    const uint64_t hi = std::min(last, (lo / piece + 1) * piece);
+    std::vector<uint64_t> trims;  // fresh blocks, to read as zeros from now on
+    struct Partial {
+      uint64_t lba;
+      uint32_t from, to;
+    };
+    std::vector<Partial> partials;  // what zero-range zeroes in blocks that stay
+    Status failed;
+    // Held from allocating blocks until they read as zeros, so that no commit or checkpoint
+    // points the file at a block that still holds someone's old data.
+    std::shared_lock gate(gate_);
+    {
+      Lock lock(mu_);
+      auto inode = iget(ino);
+      if (!inode) return inode.status();
+      uint64_t take = std::min(map_need(*inode, lo, hi), mine);
+      reserved_ -= take;
+      mine -= take;
+      for (uint64_t fb = lo; fb < hi; ++fb) {
+        bool fresh = false;
+        auto lba = bmap(*inode, fb, true, &fresh);
+        if (!lba) {
+          failed = lba.status();  // not for want of space: the reservation covers it
+          break;
+        }
+        if (fresh) {
+          trims.push_back(*lba);
+        } else if (zero) {
+          partials.push_back({*lba, uint32_t(std::max(offset, fb * bs_) - fb * bs_),
+                              uint32_t(std::min(end, (fb + 1) * bs_) - fb * bs_)});
+        }
+      }
+      Timestamp t = now();
+      int times = kCtime;
+      uint64_t new_end = std::min(end, hi * bs_);
+      if (!keep && new_end > inode->size) {
+        inode->size = new_end;
+        times |= kMtime;
+      }
+      if (zero) times |= kMtime;
+      set_times(*inode, t, times);
+      iput(ino, *inode);
+    }
+    // Zeros, without the volume lock. A fresh block is trimmed: the BTT map's zero flag, no
+    // data written. Its last write (by an earlier owner) is durable, as freeing it took a
+    // commit. A block the file keeps gets zeros written instead: its last write may still be
+    // in a writeback epoch being committed, and a trim racing that commit can be lost (the
+    // old data comes back; seen with the BTT as it is).
+    for (uint64_t lba : trims) {
+      if (Status s = btt_->trim(lba); !s) return s;
+    }
+    std::vector<std::byte> block(partials.empty() ? 0 : bs_);
+    for (const Partial& p : partials) {
+      if (p.from != 0 || p.to != bs_) {
+        if (Status s = btt_->read(p.lba, block.data()); !s) return s;
+      }
+      std::memset(block.data() + p.from, 0, p.to - p.from);
+      if (Status s = btt_->write(p.lba, block.data()); !s) return s;
+    }
+    gate.unlock();
+    if (!failed) return failed;
+    lo = hi;
+    if (lo < last) {
+      Lock lock(mu_);
+      throttle(lock);
+    }
+  }
+  return Status::ok();
+}
+
+Status VolumeImpl::fallocate_punch(uint64_t ino, uint64_t offset, uint64_t end) {
+  // The edges: the parts of partly covered blocks are zeroed in place.
+  const uint64_t whole_first = ceil_div(offset, bs_), whole_end = end / bs_;
+  struct Partial {
+    uint64_t fb;
+    uint32_t from, to;
+  };
+  std::vector<Partial> edges;
+  if (offset % bs_ != 0 || offset / bs_ == end / bs_) {
+    uint64_t fb = offset / bs_;
+    edges.push_back(
+        {fb, uint32_t(offset % bs_), uint32_t(std::min(end - fb * bs_, uint64_t(bs_)))});
+  }
+  if (end % bs_ != 0 && end / bs_ != offset / bs_) {
+    edges.push_back({end / bs_, 0, uint32_t(end % bs_)});
+  }
+  std::vector<std::pair<uint64_t, Partial>> zero;  // lba, what of it
+  {
+    Lock lock(mu_);
+    auto inode = iget(ino);
+    if (!inode) return inode.status();
+    for (const Partial& e : edges) {
+      if (e.from == e.to) continue;
+      auto lba = bmap(*inode, e.fb, false, nullptr);
+      if (!lba) return lba.status();
+      if (*lba != 0) zero.push_back({*lba, e});
+    }
+  }
+  std::vector<std::byte> block(bs_);
+  for (const auto& [lba, e] : zero) {
+    if (Status s = btt_->read(lba, block.data()); !s) return s;
+    std::memset(block.data() + e.from, 0, e.to - e.from);
+    if (Status s = btt_->write(lba, block.data()); !s) return s;
+  }
+  // Whole blocks go back to holes, a piece per transaction, skipping what is a hole already.
+  // Freed blocks stay quarantined until the transaction that freed them commits.
+  const uint64_t piece = uint64_t(bs_ / 8) * 8;
+  for (uint64_t lo = whole_first; lo < whole_end;) {
+    Lock lock(mu_);
+    throttle(lock);
+    auto inode = iget(ino);
+    if (!inode) return inode.status();
+    uint64_t next = whole_end;
+    map_walk(*inode, lo, whole_end, [&](const MapRun& r) {
+      if (r.lba == 0) return true;
+      next = r.fb;
+      return false;
+    });
+    if (next >= whole_end) break;
+    const uint64_t hi = std::min(whole_end, (next / piece + 1) * piece);
+    punch_blocks(*inode, next, hi);
+    iput(ino, *inode);
+    lo = hi;
+  }
+  Lock lock(mu_);
+  auto inode = iget(ino);
+  if (!inode) return inode.status();
+  set_times(*inode, now(), kMtime | kCtime);
+  iput(ino, *inode);
+  return Status::ok();
+}
+
+Result<uint64_t> VolumeImpl::seek_data(uint64_t ino, uint64_t offset, int whence) {
+  if (whence != SEEK_DATA && whence != SEEK_HOLE) return Status(EINVAL, "whence not supported");
+  Node* n;
+  {
+    Lock lock(mu_);
+    n = &node(ino);
+  }
+  std::shared_lock io(n->io);
+  Lock lock(mu_);
+  auto inode = iget(ino);
+  if (!inode) return inode.status();
+  if (offset >= inode->size) return Status(ENXIO, "offset at or past the end of the file");
+  // Only regular files have holes; anything else is data up to its size.
+  if (!S_ISREG(inode->mode)) return whence == SEEK_DATA ? offset : inode->size;
+  // Holes are unmapped blocks; the end of the file is a hole too.
+  std::optional<uint64_t> found;
+  map_walk(*inode, offset / bs_, ceil_div(inode->size, bs_), [&](const MapRun& r) {
+    if ((r.lba != 0) != (whence == SEEK_DATA)) return true;
+    found = r.fb;
+    return false;
+  });
+  if (!found) {
+    if (whence == SEEK_DATA) return Status(ENXIO, "no data after the offset");
+    return inode->size;
+  }
+  return std::max(offset, *found * bs_);
 }
 
 }  // namespace vpmfs
-

@@ -447,6 +447,7 @@ Status VolumeImpl::free_orphans() {
     if (!inode) return inode.status();
     uint64_t next = inode->next_orphan;
     if (Status s = truncate_blocks(*inode, 0); !s) return s;
+    xattr_free(*inode);
     ifree(ino);
     ino = next;
   }
@@ -653,6 +654,10 @@ void VolumeImpl::ifree(uint64_t ino) {
 }
 
 Result<uint64_t> VolumeImpl::balloc() {
+  // Quarantined blocks are free but not usable yet; reserved ones belong to an fallocate.
+  if (free_blocks_ <= quarantine_.size() + reserved_) {
+    return Status(ENOSPC, "no space left on the volume");
+  }
   uint64_t n = sb_.block_count;
   for (uint64_t k = 0; k < n; ++k) {
     uint64_t lba = block_hint_ + k;
@@ -682,6 +687,7 @@ void VolumeImpl::bfree(uint64_t lba) {
   freed_.push_back(lba);
   cache_.erase(lba);
   dirty_.erase(lba);  // whatever it held no longer matters
+  kill_dirty_.erase(lba);
 }
 
 VolumeImpl::Node& VolumeImpl::node(uint64_t ino) {

@@ -16,6 +16,7 @@
 #include "kill_log.h"
 #include "vpmfs/btt.h"
 #include "vpmfs/fs.h"
+#include "xattr.h"
 
 namespace vpmfs {
 
@@ -99,6 +100,36 @@ class VolumeImpl final : public Volume {
   // Block map: the LBA of a file block, 0 for a hole; with allocate, fills holes.
   Result<uint64_t> bmap(fsfmt::Inode& inode, uint64_t file_block, bool allocate, bool* fresh);
   Status truncate_blocks(fsfmt::Inode& inode, uint64_t keep_blocks);
+  // A stretch of the block map met by map_walk: one mapped data block (lba != 0, count 1), or
+  // `count` unmapped blocks that all lie under one missing node of the map, at `level` (0: a
+  // data block, 1..4: a pointer block) and covering file blocks from `base`.
+  struct MapRun {
+    uint64_t fb;
+    uint64_t count;
+    uint64_t lba;
+    int level;
+    uint64_t base;
+  };
+  // Visits file blocks [lo, hi) in order, a missing subtree in one call, until fn returns false.
+  void map_walk(const fsfmt::Inode& inode, uint64_t lo, uint64_t hi,
+                const std::function<bool(const MapRun&)>& fn);
+  // Blocks (data and pointer blocks) that filling every hole in [lo, hi) would allocate.
+  uint64_t map_need(const fsfmt::Inode& inode, uint64_t lo, uint64_t hi);
+  // Frees the data blocks in [lo, hi), and pointer blocks left with nothing under them.
+  void punch_blocks(fsfmt::Inode& inode, uint64_t lo, uint64_t hi);
+  // File blocks the map can address.
+  uint64_t map_capacity() const;
+  Status fallocate_allocate(uint64_t ino, uint64_t offset, uint64_t end, bool zero, bool keep);
+  Status fallocate_punch(uint64_t ino, uint64_t offset, uint64_t end);
+  // Extended attributes: the entries of an inode's xattr block (none without one), and storing
+  // them back, allocating the block for the first and freeing it with the last. ENOSPC (and
+  // nothing changed) if they do not fit in one block.
+  Result<xattr::Entries> xattr_load(uint64_t ino, const fsfmt::Inode& inode);
+  Status xattr_store(uint64_t ino, fsfmt::Inode& inode, const xattr::Entries& entries);
+  void xattr_free(fsfmt::Inode& inode);
+  // Sets (an empty value: removes) system.posix_acl_access or _default, keeping the mode's
+  // permission bits in step with an access ACL. Changes inode; the caller puts it.
+  Status acl_set(uint64_t ino, fsfmt::Inode& inode, xattr::Space space, std::string_view value);
   // Directories.
   DirIndex& dir_index(uint64_t ino, fsfmt::Inode& dir);
   Result<uint64_t> dir_find(uint64_t dino, fsfmt::Inode& dir, std::string_view name,
@@ -109,8 +140,10 @@ class VolumeImpl final : public Volume {
   Status dir_set(uint64_t dino, fsfmt::Inode& dir, std::string_view name, uint64_t ino,
                  uint32_t type);
   bool dir_empty(uint64_t dino, fsfmt::Inode& dir);
+  // mode as asked for: the umask applies unless the parent has a default ACL to inherit.
   Result<Attr> make_node(uint64_t parent, std::string_view name, uint32_t mode, uint64_t rdev,
-                         uint32_t uid, uint32_t gid, std::string_view symlink_target);
+                         uint32_t uid, uint32_t gid, std::string_view symlink_target,
+                         uint32_t umask);
   Status drop_link(uint64_t ino, fsfmt::Inode& inode);
   void release_inode(uint64_t ino);
   Attr to_attr(uint64_t ino, const fsfmt::Inode& inode) const;
@@ -155,6 +188,9 @@ class VolumeImpl final : public Volume {
   uint64_t free_blocks_ = 0;
   uint64_t free_inodes_ = 0;
   uint64_t block_hint_ = 0;
+  // Blocks promised to fallocate calls in progress: balloc leaves them to those calls, so an
+  // fallocate that found room for its whole range never runs out part way.
+  uint64_t reserved_ = 0;
   uint64_t inode_hint_ = 0;
   std::unordered_set<uint64_t> quarantine_;  // freed in a transaction not yet committed
   std::vector<uint64_t> freed_;              // freed since the last commit began

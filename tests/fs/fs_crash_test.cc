@@ -3,6 +3,7 @@
 // models. After each crash the volume must mount on its own, every fsync'd file must hold its
 // fsync'd content, and a rename must be all done or not done.
 #include <fcntl.h>
+#include <linux/falloc.h>
 #include <unistd.h>
 
 #include <dirent.h>
@@ -11,6 +12,7 @@
 #include <cstring>
 #include <map>
 #include <optional>
+#include <set>
 
 #include <gtest/gtest.h>
 
@@ -394,6 +396,286 @@ TEST(FsCrash, WritebackModel) {
   }
   std::printf("writeback model: %llu crash points\n", (unsigned long long)points);
   EXPECT_GE(points, 1000u * scale());
+}
+
+// --- extended attributes, fallocate and punched holes --------------------------------------------
+// A workload of setxattr and removexattr, writes, fallocate in every mode and punched holes,
+// with a sync now and then. Every call changes its metadata in one transaction, and data a
+// block at a time, so after a crash each file must be in a state the calls could have left
+// from its last durable version on: its size and its attributes those after one of those
+// calls, each block's content that of one of them. And fsck must find nothing wrong.
+
+struct FileVersion {
+  std::size_t started;            // events before the call that made it began
+  std::size_t synced = SIZE_MAX;  // events by which it is durable
+  std::string data;               // content (its length is the size)
+  std::map<std::string, std::string> xattrs;
+  std::size_t returned = SIZE_MAX;  // events when the call returned (a kill keeps it from then)
+};
+
+struct XattrRecording {
+  std::unique_ptr<CrashRecorder> recorder;
+  std::map<std::string, std::vector<FileVersion>> files;
+};
+
+XattrRecording record_xattr_workload(const std::string& path, PersistMode mode, int calls,
+                                     uint64_t seed, bool only_syncs_commit = false) {
+  MountOptions mo;
+  mo.mode = mode;
+  mo.force_persistent = true;
+  mo.boot_id = kWorkloadBoot;
+  if (only_syncs_commit) mo.commit_interval_ms = 3600 * 1000;
+  auto v = std::move(Volume::mount(path, mo).value());
+  XattrRecording rec;
+  rec.recorder = std::make_unique<CrashRecorder>(v->region());
+  CrashRecorder& r = *rec.recorder;
+  SplitMix64 rng(seed);
+  const uint64_t bs = v->block_size();
+  std::map<std::string, uint64_t> inos;
+  auto sync = [&] {
+    EXPECT_TRUE(v->sync_wait());
+    for (auto& [n, versions] : rec.files) {
+      for (auto& ver : versions) ver.synced = std::min(ver.synced, r.events());
+    }
+  };
+  for (int c = 0; c < calls; ++c) {
+    std::string n = name('x', int(rng.below(3)));
+    std::size_t started = r.events();
+    if (inos.count(n) == 0) {
+      auto a = v->mknod(kRootIno, n, S_IFREG | 0644, 0, 0, 0);
+      EXPECT_TRUE(a) << a.status().to_string();
+      if (!a) break;
+      inos[n] = a->ino;
+      rec.files[n].push_back(FileVersion{started, SIZE_MAX, "", {}, r.events()});
+      continue;
+    }
+    FileVersion next = rec.files[n].back();
+    next.started = started;
+    next.synced = SIZE_MAX;
+    std::string& d = next.data;
+    uint64_t ino = inos[n];
+    uint64_t off = rng.below(24 * bs) + (rng.below(2) == 0 ? 0 : rng.below(bs));
+    uint64_t len = 1 + rng.below(6 * bs);
+    switch (rng.below(9)) {
+      case 0:
+      case 1: {  // a write
+        std::string data = content(seed * 1000 + c, len);
+        EXPECT_TRUE(v->write(ino, off, data.data(), data.size()));
+        if (d.size() < off + len) d.resize(off + len, '\0');
+        d.replace(off, len, data);
+        break;
+      }
+      case 2: {  // set an attribute, new or replaced, small or most of a block
+        std::string key = rng.below(2) == 0 ? "user.a" : "security.b";
+        std::string value = content(seed * 3000 + c,
+                                    rng.below(2) == 0 ? 1 + rng.below(40) : 1000 + rng.below(1500));
+        Status s = v->setxattr(ino, key, value.data(), value.size(), 0);
+        if (s) {
+          next.xattrs[key] = value;
+        } else {
+          EXPECT_EQ(s.error(), ENOSPC) << s.to_string();
+          continue;
+        }
+        break;
+      }
+      case 3: {
+        std::string key = rng.below(2) == 0 ? "user.a" : "security.b";
+        Status s = v->removexattr(ino, key);
+        EXPECT_EQ(s.error(), next.xattrs.count(key) != 0 ? 0 : ENODATA);
+        next.xattrs.erase(key);
+        if (!s) continue;
+        break;
+      }
+      case 4:  // allocate, growing the file
+        EXPECT_TRUE(v->fallocate(ino, 0, off, len));
+        if (d.size() < off + len) d.resize(off + len, '\0');
+        break;
+      case 5:  // preallocate past the end
+        EXPECT_TRUE(v->fallocate(ino, FALLOC_FL_KEEP_SIZE, d.size(), len));
+        break;
+      case 6:
+      case 7:  // punch a hole
+        EXPECT_TRUE(v->fallocate(ino, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, off, len));
+        if (off < d.size()) std::fill_n(d.begin() + off, std::min(len, d.size() - off), '\0');
+        break;
+      case 8: {  // zero a range, growing the file or not
+        bool keep = rng.below(2) == 0;
+        EXPECT_TRUE(
+            v->fallocate(ino, FALLOC_FL_ZERO_RANGE | (keep ? FALLOC_FL_KEEP_SIZE : 0), off, len));
+        if (!keep && d.size() < off + len) d.resize(off + len, '\0');
+        if (off < d.size()) std::fill_n(d.begin() + off, std::min(len, d.size() - off), '\0');
+        break;
+      }
+    }
+    next.returned = r.events();
+    rec.files[n].push_back(std::move(next));
+    if (rng.below(4) == 0) sync();
+  }
+  sync();
+  rec.recorder->detach();
+  return rec;
+}
+
+// killed: the daemon was killed (every call that returned is kept, on the same boot) rather
+// than the power failing (every synced call is kept, after a reboot).
+std::string verify_xattr_workload(const std::string& crashed, const XattrRecording& rec,
+                                  std::size_t cut, bool killed = false) {
+  MountOptions mo;
+  mo.mode = PersistMode::direct;
+  mo.force_persistent = true;
+  mo.boot_id = killed ? kWorkloadBoot : kRebootedBoot;
+  {
+    auto mounted = Volume::mount(crashed, mo);
+    if (!mounted) return "mount failed: " + mounted.status().to_string();
+    Volume& v = **mounted;
+    const uint32_t bs = v.block_size();
+    for (const auto& [n, versions] : rec.files) {
+      // The versions the file may be in: from the last durable one to the last one begun.
+      std::size_t from = 0, to = 0;
+      bool durable = false;
+      for (std::size_t k = 0; k < versions.size(); ++k) {
+        if ((killed ? versions[k].returned : versions[k].synced) <= cut) from = k, durable = true;
+        if (versions[k].started < cut) to = k;
+      }
+      auto a = v.lookup(kRootIno, n);
+      if (!a) {
+        if (a.status().error() == ENOENT && !durable) continue;
+        return n + ": " + a.status().to_string();
+      }
+      if (to < from) to = from;
+      std::string data(a->size, '\0');
+      auto got = v.read(a->ino, 0, data.data(), data.size());
+      if (!got || *got != data.size()) return n + ": short read";
+      bool size_ok = false, xattrs_ok = false;
+      std::map<std::string, std::string> xattrs;
+      auto list_size = v.listxattr(a->ino, nullptr, 0);
+      if (!list_size) return n + ": listxattr: " + list_size.status().to_string();
+      std::string names(*list_size, '\0');
+      if (!v.listxattr(a->ino, names.data(), names.size())) return n + ": listxattr failed";
+      for (std::size_t at = 0; at < names.size(); at += std::strlen(names.c_str() + at) + 1) {
+        std::string key = names.c_str() + at;
+        std::string value(4096, '\0');
+        auto vs = v.getxattr(a->ino, key, value.data(), value.size());
+        if (!vs) return n + ": getxattr " + key + ": " + vs.status().to_string();
+        value.resize(*vs);
+        xattrs[key] = value;
+      }
+      for (std::size_t k = from; k <= to; ++k) {
+        size_ok |= versions[k].data.size() == data.size();
+        xattrs_ok |= versions[k].xattrs == xattrs;
+      }
+      if (!size_ok) {
+        return n + ": size " + std::to_string(data.size()) + " is no version's from " +
+               std::to_string(from) + " to " + std::to_string(to);
+      }
+      if (!xattrs_ok)
+        return n + ": attributes are no version's (" + std::to_string(xattrs.size()) + ")";
+      for (std::size_t off = 0; off < data.size(); off += bs) {
+        std::string piece = data.substr(off, bs);
+        bool ok = false;
+        for (std::size_t k = from; k <= to && !ok; ++k) {
+          std::string want = off < versions[k].data.size() ? versions[k].data.substr(off, bs) : "";
+          want.resize(piece.size(), '\0');
+          ok = piece == want;
+        }
+        if (!ok) return n + ": block at " + std::to_string(off) + " holds no version's content";
+      }
+    }
+  }
+  FsckOptions fo;
+  fo.boot_id = killed ? kWorkloadBoot : kRebootedBoot;
+  auto report = fsck(crashed, fo);
+  if (!report) return "fsck failed: " + report.status().to_string();
+  if (!report->problems.empty()) return "fsck: " + report->problems.front();
+  return "";
+}
+
+uint64_t xattr_crash_points(PersistMode mode, CrashModel model, uint64_t seed) {
+  TempPath path("fsxattr-src.img");
+  TempPath crashed("fsxattr-dst.img");
+  MkfsOptions mk;
+  mk.size = 20 << 20;
+  mk.force_persistent = true;
+  mk.lanes = 64;
+  EXPECT_TRUE(Volume::mkfs(path, mk));
+  XattrRecording rec = record_xattr_workload(path, mode, 60, seed);
+  CrashReplay replay(*rec.recorder, model);
+  std::vector<std::byte> image(rec.recorder->region_size());
+  int fd = ::open(crashed.str().c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd < 0) return 0;
+  struct Closer {
+    int fd;
+    ~Closer() { ::close(fd); }
+  } closer{fd};
+  const std::size_t total = rec.recorder->events();
+  const std::size_t stride = std::max<std::size_t>(1, total / 400);
+  uint64_t points = 0;
+  for (std::size_t cut = 0; cut <= total + stride - 1; cut += stride) {
+    std::size_t at = std::min(cut, total);  // the end, too: everything synced
+    replay.advance_to(at);
+    uint64_t s = seed * 7919 + at * 13;
+    replay.image_into(s, image.data());
+    if (::pwrite(fd, image.data(), image.size(), 0) != ssize_t(image.size())) {
+      ADD_FAILURE() << "cannot write the crash image";
+      return points;
+    }
+    std::string failure = verify_xattr_workload(crashed, rec, at);
+    ++points;
+    if (!failure.empty()) {
+      ADD_FAILURE() << to_string(model) << " crash at cut " << at << " of " << total << " (seed "
+                    << s << "): " << failure;
+      return points;
+    }
+  }
+  return points;
+}
+
+TEST(FsCrash, XattrsFallocateAndHolesKilledDaemon) {
+  uint64_t points = 0;
+  for (PersistMode mode : {PersistMode::direct, PersistMode::writeback}) {
+    for (uint64_t run = 0; run < scale(); ++run) {
+      TempPath path("fsxkill-src.img");
+      TempPath crashed("fsxkill-dst.img");
+      MkfsOptions mk;
+      mk.size = 20 << 20;
+      mk.force_persistent = true;
+      mk.lanes = 64;
+      ASSERT_TRUE(Volume::mkfs(path, mk));
+      XattrRecording rec = record_xattr_workload(path, mode, 60, 41 + run, true);
+      const std::size_t total = rec.recorder->events();
+      const std::size_t stride = std::max<std::size_t>(1, total / 150);
+      for (std::size_t cut = 0; cut <= total; cut += stride) {
+        auto image = rec.recorder->prefix_image(cut);
+        int fd = ::open(crashed.str().c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+        ASSERT_GE(fd, 0);
+        ASSERT_EQ(::pwrite(fd, image.data(), image.size(), 0), ssize_t(image.size()));
+        ::close(fd);
+        std::string failure = verify_xattr_workload(crashed, rec, cut, true);
+        ASSERT_EQ(failure, "") << to_string(mode) << " kill at event " << cut << " of " << total;
+        ++points;
+      }
+    }
+  }
+  std::printf("kill model: %llu kill points\n", (unsigned long long)points);
+  EXPECT_GE(points, 300u * scale());
+}
+
+TEST(FsCrash, XattrsFallocateAndHolesDirectModel) {
+  uint64_t points = 0;
+  for (uint64_t run = 0; run < scale(); ++run) {
+    points += xattr_crash_points(PersistMode::direct, CrashModel::direct, 21 + run);
+  }
+  std::printf("direct model: %llu crash points\n", (unsigned long long)points);
+  EXPECT_GE(points, 300u * scale());
+}
+
+TEST(FsCrash, XattrsFallocateAndHolesWritebackModel) {
+  uint64_t points = 0;
+  for (uint64_t run = 0; run < scale(); ++run) {
+    points += xattr_crash_points(PersistMode::writeback, CrashModel::writeback, 31 + run);
+  }
+  std::printf("writeback model: %llu crash points\n", (unsigned long long)points);
+  EXPECT_GE(points, 300u * scale());
 }
 
 }  // namespace

@@ -1,15 +1,25 @@
 #include "vpmfs/fs.h"
 
 #include <dirent.h>
+#include <linux/falloc.h>
 #include <linux/fs.h>
+#include <sys/sysmacros.h>
+#include <sys/xattr.h>
+#include <unistd.h>
 
+#include <algorithm>
+#include <cstring>
 #include <map>
 #include <set>
+#include <thread>
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include "../../fs/format.h"  // to find and damage an xattr block
 #include "test_util.h"
+#include "vpmfs/btt.h"
+#include "vpmfs/fsck.h"
 
 namespace vpmfs {
 namespace {
@@ -55,9 +65,80 @@ class VolumeTest : public ::testing::TestWithParam<PersistMode> {
     }));
     return names;
   }
+  // getxattr the way applications do: ask for the size, then read.
+  Result<std::string> getx(uint64_t ino, const std::string& name) {
+    auto size = v_->getxattr(ino, name, nullptr, 0);
+    if (!size) return size.status();
+    std::string value(*size, '\0');
+    auto got = v_->getxattr(ino, name, value.data(), value.size());
+    if (!got) return got.status();
+    value.resize(*got);
+    return value;
+  }
+  std::set<std::string> listx(uint64_t ino) {
+    auto size = v_->listxattr(ino, nullptr, 0);
+    EXPECT_TRUE(size) << size.status().to_string();
+    std::string buf(size ? *size : 0, '\0');
+    auto got = v_->listxattr(ino, buf.data(), buf.size());
+    EXPECT_TRUE(got) << got.status().to_string();
+    std::set<std::string> names;
+    for (std::size_t at = 0; at < buf.size();) {
+      names.insert(buf.c_str() + at);
+      at += std::strlen(buf.c_str() + at) + 1;
+    }
+    return names;
+  }
+  std::string read_all(uint64_t ino) {
+    auto a = v_->getattr(ino);
+    EXPECT_TRUE(a);
+    std::string data(a ? a->size : 0, '\0');
+    auto n = v_->read(ino, 0, data.data(), data.size());
+    EXPECT_TRUE(n && *n == data.size());
+    return data;
+  }
+  uint64_t blocks(uint64_t ino) { return v_->getattr(ino)->blocks / (v_->block_size() / 512); }
+  // Unmounts, checks the image and mounts again.
+  void expect_fsck_clean() {
+    v_.reset();
+    auto report = fsck(path_, FsckOptions{});
+    ASSERT_TRUE(report) << report.status().to_string();
+    EXPECT_TRUE(report->problems.empty()) << report->problems.front();
+    mount();
+  }
   TempPath path_{"volume.img"};
   std::unique_ptr<Volume> v_;
 };
+
+// POSIX ACLs in the kernel's xattr form.
+constexpr uint16_t kUserObj = 1, kUser = 2, kGroupObj = 4, kGroup = 8, kMask = 0x10, kOther = 0x20;
+struct AclEntry {
+  uint16_t tag, perm;
+  uint32_t id;
+};
+std::string acl(std::initializer_list<AclEntry> entries) {
+  std::string out(4 + entries.size() * 8, '\0');
+  uint32_t version = 2;
+  std::memcpy(out.data(), &version, 4);
+  std::size_t at = 4;
+  for (AclEntry e : entries) {
+    // As the kernel gives them back: only named entries carry an id.
+    if (e.tag != kUser && e.tag != kGroup) e.id = ~0u;
+    std::memcpy(out.data() + at, &e, 8);
+    at += 8;
+  }
+  return out;
+}
+std::vector<AclEntry> parse_acl(const std::string& value) {
+  std::vector<AclEntry> entries((value.size() - 4) / 8);
+  std::memcpy(entries.data(), value.data() + 4, entries.size() * 8);
+  return entries;
+}
+uint16_t perm_of(const std::vector<AclEntry>& acl, uint16_t tag, uint32_t id = ~0u) {
+  for (const AclEntry& e : acl) {
+    if (e.tag == tag && (id == ~0u || e.id == id)) return e.perm;
+  }
+  return 0xFFFF;
+}
 
 TEST_P(VolumeTest, FreshVolumeHasAnEmptyRoot) {
   auto root = v_->getattr(kRootIno);
@@ -213,9 +294,726 @@ TEST_P(VolumeTest, FullVolumeSaysEnospcAndRecovers) {
   EXPECT_EQ(*v_->write(small, 0, "x", 1), 1u) << "deleting files makes space usable again";
 }
 
+// --- extended attributes ----------------------------------------------------------------------
+
+TEST_P(VolumeTest, XattrRoundTripAndErrors) {
+  uint64_t f = create(kRootIno, "f");
+  auto before = *v_->getattr(f);
+  uint64_t free_before = v_->statfs().f_bfree;
+  ASSERT_TRUE(v_->setxattr(f, "user.colour", "blue", 4, 0));
+  EXPECT_EQ(*getx(f, "user.colour"), "blue");
+  EXPECT_EQ(*v_->getxattr(f, "user.colour", nullptr, 0), 4u);
+  char small[2];
+  EXPECT_EQ(v_->getxattr(f, "user.colour", small, sizeof small).status().error(), ERANGE);
+  EXPECT_EQ(v_->getxattr(f, "user.missing", nullptr, 0).status().error(), ENODATA);
+  // The block is the inode's: counted in its blocks and taken from the free ones.
+  EXPECT_EQ(blocks(f), 1u);
+  EXPECT_EQ(v_->statfs().f_bfree, free_before - 1);
+  auto after = *v_->getattr(f);
+  EXPECT_TRUE(
+      after.ctime.tv_sec > before.ctime.tv_sec ||
+      (after.ctime.tv_sec == before.ctime.tv_sec && after.ctime.tv_nsec >= before.ctime.tv_nsec));
+
+  EXPECT_EQ(v_->setxattr(f, "user.colour", "red", 3, XATTR_CREATE).error(), EEXIST);
+  EXPECT_EQ(v_->setxattr(f, "user.size", "1", 1, XATTR_REPLACE).error(), ENODATA);
+  ASSERT_TRUE(v_->setxattr(f, "user.colour", "green", 5, XATTR_REPLACE));
+  ASSERT_TRUE(v_->setxattr(f, "user.size", "10", 2, XATTR_CREATE));
+  ASSERT_TRUE(v_->setxattr(f, "trusted.t", "", 0, 0));  // an empty value is a value
+  ASSERT_TRUE(v_->setxattr(f, "security.selinux", "ctx", 3, 0));
+  EXPECT_EQ(*getx(f, "user.colour"), "green");
+  EXPECT_EQ(*getx(f, "trusted.t"), "");
+  EXPECT_EQ(listx(f),
+            (std::set<std::string>{"user.colour", "user.size", "trusted.t", "security.selinux"}));
+  std::size_t list_size = *v_->listxattr(f, nullptr, 0);
+  std::vector<char> list(list_size - 1);
+  EXPECT_EQ(v_->listxattr(f, list.data(), list.size()).status().error(), ERANGE);
+
+  // Names: namespaces, lengths.
+  EXPECT_EQ(v_->setxattr(f, "os2.name", "x", 1, 0).error(), EOPNOTSUPP);
+  EXPECT_EQ(v_->setxattr(f, "system.other", "x", 1, 0).error(), EOPNOTSUPP);
+  EXPECT_EQ(v_->getxattr(f, "nonamespace", nullptr, 0).status().error(), EOPNOTSUPP);
+  EXPECT_EQ(v_->setxattr(f, "user." + std::string(251, 'n'), "x", 1, 0).error(), ERANGE);
+  ASSERT_TRUE(v_->setxattr(f, "user." + std::string(250, 'n'), "x", 1, 0));
+  EXPECT_EQ(v_->setxattr(f, "", "x", 1, 0).error(), ERANGE);
+  EXPECT_EQ(v_->setxattr(f, "user.", "x", 1, 0).error(), EINVAL);
+  // Sizes: over XATTR_SIZE_MAX is E2BIG; what does not fit the inode's block is ENOSPC.
+  std::string huge(65537, 'h');
+  EXPECT_EQ(v_->setxattr(f, "user.huge", huge.data(), huge.size(), 0).error(), E2BIG);
+  std::string big(v_->block_size(), 'b');
+  EXPECT_EQ(v_->setxattr(f, "user.big", big.data(), big.size(), 0).error(), ENOSPC);
+  EXPECT_EQ(v_->getxattr(f, "user.big", nullptr, 0).status().error(), ENODATA);
+  // Filling the block exactly works; one byte more does not.
+  std::size_t used = 40;
+  for (const auto& n : listx(f)) {
+    used += (8 + n.size() + getx(f, n)->size() + 7) / 8 * 8;
+  }
+  std::size_t room = v_->block_size() - used - 8 - std::string("user.fill").size();
+  std::string fill(room, 'f');
+  EXPECT_EQ(v_->setxattr(f, "user.fill", fill.data(), fill.size() + 1, 0).error(), ENOSPC);
+  ASSERT_TRUE(v_->setxattr(f, "user.fill", fill.data(), fill.size(), 0));
+  EXPECT_EQ(*getx(f, "user.fill"), fill);
+  EXPECT_EQ(v_->setxattr(f, "user.x", "", 0, 0).error(), ENOSPC);
+
+  // Remove, and the block goes with the last attribute.
+  EXPECT_EQ(v_->removexattr(f, "user.missing").error(), ENODATA);
+  for (const auto& n : listx(f)) ASSERT_TRUE(v_->removexattr(f, n)) << n;
+  EXPECT_TRUE(listx(f).empty());
+  EXPECT_EQ(*v_->listxattr(f, nullptr, 0), 0u);
+  EXPECT_EQ(blocks(f), 0u);
+  ASSERT_TRUE(v_->sync_wait());
+  EXPECT_EQ(v_->statfs().f_bfree, free_before);
+
+  // user.* only on files and directories; other namespaces on anything.
+  auto link = v_->symlink(kRootIno, "sym", "f", 0, 0);
+  ASSERT_TRUE(link);
+  EXPECT_EQ(v_->setxattr(link->ino, "user.a", "1", 1, 0).error(), EPERM);
+  EXPECT_EQ(v_->getxattr(link->ino, "user.a", nullptr, 0).status().error(), ENODATA);
+  ASSERT_TRUE(v_->setxattr(link->ino, "trusted.a", "1", 1, 0));
+  auto fifo = v_->mknod(kRootIno, "fifo", S_IFIFO | 0644, 0, 0, 0);
+  ASSERT_TRUE(fifo);
+  EXPECT_EQ(v_->setxattr(fifo->ino, "user.a", "1", 1, 0).error(), EPERM);
+  auto d = v_->mkdir(kRootIno, "d", 0755, 0, 0);
+  ASSERT_TRUE(v_->setxattr(d->ino, "user.a", "1", 1, 0));
+  EXPECT_EQ(v_->setxattr(f, "user.a", "1", 1, 0x40).error(), EINVAL);
+  expect_fsck_clean();
+}
+
+TEST_P(VolumeTest, XattrsPersistAcrossRemount) {
+  uint64_t f = create(kRootIno, "f");
+  auto d = v_->mkdir(kRootIno, "d", 0755, 0, 0);
+  ASSERT_TRUE(d);
+  std::string value(1000, '\0');
+  for (std::size_t i = 0; i < value.size(); ++i) value[i] = char(i * 13);  // binary, NULs too
+  ASSERT_TRUE(v_->setxattr(f, "user.bin", value.data(), value.size(), 0));
+  ASSERT_TRUE(v_->setxattr(f, "security.capability", "cap", 3, 0));
+  ASSERT_TRUE(v_->setxattr(d->ino, "trusted.overlay.opaque", "y", 1, 0));
+  ASSERT_TRUE(v_->setxattr(kRootIno, "user.root", "r", 1, 0));
+  ASSERT_TRUE(v_->setxattr(f, "user.gone", "g", 1, 0));
+  ASSERT_TRUE(v_->removexattr(f, "user.gone"));
+  ASSERT_TRUE(v_->sync_wait());
+  mount();
+  EXPECT_EQ(*getx(f, "user.bin"), value);
+  EXPECT_EQ(*getx(f, "security.capability"), "cap");
+  EXPECT_EQ(getx(f, "user.gone").status().error(), ENODATA);
+  EXPECT_EQ(*getx(d->ino, "trusted.overlay.opaque"), "y");
+  EXPECT_EQ(*getx(kRootIno, "user.root"), "r");
+  EXPECT_EQ(listx(f), (std::set<std::string>{"user.bin", "security.capability"}));
+  expect_fsck_clean();
+  // Without a sync: the unmount commits them.
+  ASSERT_TRUE(v_->setxattr(f, "user.late", "l", 1, 0));
+  mount();
+  EXPECT_EQ(*getx(f, "user.late"), "l");
+}
+
+TEST_P(VolumeTest, XattrBlocksAreFreedWithTheirInodes) {
+  create(kRootIno, "first");  // the root directory's first block
+  uint64_t free_before = v_->statfs().f_bfree;
+  uint64_t a = create(kRootIno, "a");
+  uint64_t b = create(kRootIno, "b");
+  uint64_t c = create(kRootIno, "c");
+  auto d = v_->mkdir(kRootIno, "d", 0755, 0, 0);
+  for (uint64_t ino : {a, b, c, d->ino}) ASSERT_TRUE(v_->setxattr(ino, "user.k", "v", 1, 0));
+  ASSERT_TRUE(v_->write(a, 0, "data", 4));
+  ASSERT_TRUE(v_->unlink(kRootIno, "a"));  // gone at once
+  ASSERT_TRUE(v_->rmdir(kRootIno, "d"));
+  v_->hold(b, 1);
+  ASSERT_TRUE(v_->unlink(kRootIno, "b"));  // gone when forgotten
+  EXPECT_EQ(*getx(b, "user.k"), "v");
+  v_->forget(b, 1);
+  v_->hold(c, 1);
+  ASSERT_TRUE(v_->unlink(kRootIno, "c"));  // an orphan: gone at the next mount
+  ASSERT_TRUE(v_->sync_wait());
+  v_.reset();
+  mount();
+  EXPECT_EQ(v_->statfs().f_bfree, free_before);
+  expect_fsck_clean();
+}
+
+TEST_P(VolumeTest, FsckDropsADamagedXattrBlock) {
+  uint64_t f = create(kRootIno, "f");
+  ASSERT_TRUE(v_->setxattr(f, "user.k", "value", 5, 0));
+  ASSERT_TRUE(v_->sync_wait());
+  create(kRootIno, "g");  // so that the journal's last transaction is another one
+  v_.reset();
+  {
+    // Scribble over the xattr block, through the BTT as a stray write would.
+    RegionOptions ro;
+    ro.force_persistent = true;
+    auto region = Region::open(path_, ro);
+    ASSERT_TRUE(region);
+    fsfmt::ImageHeader h;
+    std::memcpy(&h, (*region)->at(0), sizeof h);
+    BttOpenOptions bo;
+    bo.offset = h.btt_offset;
+    bo.size = h.btt_size;
+    bo.intent_log = h.intent_log_offset;
+    auto btt = Btt::open(**region, bo);
+    ASSERT_TRUE(btt);
+    std::vector<std::byte> block((*btt)->sector_size());
+    ASSERT_TRUE((*btt)->read(0, block.data()));
+    fsfmt::Superblock sb;
+    std::memcpy(&sb, block.data(), sizeof sb);
+    uint64_t off = f * fsfmt::kInodeSize;
+    ASSERT_TRUE((*btt)->read(sb.inode_table_start + off / block.size(), block.data()));
+    fsfmt::Inode inode;
+    std::memcpy(&inode, block.data() + off % block.size(), sizeof inode);
+    ASSERT_NE(inode.xattr_block, 0u);
+    ASSERT_TRUE((*btt)->read(inode.xattr_block, block.data()));
+    block[50] ^= std::byte{0x5A};
+    ASSERT_TRUE((*btt)->write(inode.xattr_block, block.data()));
+    ASSERT_TRUE((*btt)->sync_wait());
+  }
+  auto report = fsck(path_, FsckOptions{});
+  ASSERT_TRUE(report);
+  ASSERT_EQ(report->problems.size(), 1u);
+  EXPECT_THAT(report->problems[0], ::testing::HasSubstr("xattr block"));
+  mount();
+  EXPECT_EQ(v_->getxattr(f, "user.k", nullptr, 0).status().error(), EUCLEAN);
+  v_.reset();
+  FsckOptions repair;
+  repair.repair = true;
+  report = fsck(path_, repair);
+  ASSERT_TRUE(report);
+  EXPECT_FALSE(report->repairs.empty());
+  EXPECT_TRUE(report->remaining.empty()) << report->remaining.front();
+  EXPECT_EQ(report->exit_code(), 1);
+  mount();
+  EXPECT_EQ(v_->getxattr(f, "user.k", nullptr, 0).status().error(), ENODATA);
+  EXPECT_EQ(blocks(f), 0u);
+  ASSERT_TRUE(v_->setxattr(f, "user.k", "again", 5, 0));
+  expect_fsck_clean();
+}
+
+// --- ACLs ---------------------------------------------------------------------------------------
+
+TEST_P(VolumeTest, AccessAclKeepsTheModeInStep) {
+  uint64_t f = create(kRootIno, "f", 0644);
+  std::string a =
+      acl({{kUserObj, 7, 0}, {kUser, 4, 1000}, {kGroupObj, 5, 0}, {kMask, 4, 0}, {kOther, 0, 0}});
+  ASSERT_TRUE(v_->setxattr(f, "system.posix_acl_access", a.data(), a.size(), 0));
+  // Owner from USER_OBJ, group from the mask, other from OTHER.
+  EXPECT_EQ(v_->getattr(f)->mode, uint32_t(S_IFREG | 0740));
+  auto back = getx(f, "system.posix_acl_access");
+  ASSERT_TRUE(back);
+  auto entries = parse_acl(*back);
+  ASSERT_EQ(entries.size(), 5u);
+  EXPECT_EQ(perm_of(entries, kUser, 1000), 4);
+  EXPECT_EQ(perm_of(entries, kGroupObj), 5);
+  EXPECT_EQ(listx(f), (std::set<std::string>{"system.posix_acl_access"}));
+
+  // chmod rewrites USER_OBJ, MASK and OTHER; GROUP_OBJ stays.
+  SetAttr c;
+  c.mode = 0651;
+  ASSERT_TRUE(v_->setattr(f, c));
+  entries = parse_acl(*getx(f, "system.posix_acl_access"));
+  EXPECT_EQ(perm_of(entries, kUserObj), 6);
+  EXPECT_EQ(perm_of(entries, kMask), 5);
+  EXPECT_EQ(perm_of(entries, kOther), 1);
+  EXPECT_EQ(perm_of(entries, kGroupObj), 5);
+  EXPECT_EQ(perm_of(entries, kUser, 1000), 4);
+  EXPECT_EQ(v_->getattr(f)->mode, uint32_t(S_IFREG | 0651));
+  ASSERT_TRUE(v_->sync_wait());
+  mount();
+  EXPECT_EQ(perm_of(parse_acl(*getx(f, "system.posix_acl_access")), kMask), 5);
+
+  // An ACL the mode says all of is not kept: only the mode changes.
+  std::string base = acl({{kUserObj, 6, 0}, {kGroupObj, 4, 0}, {kOther, 4, 0}});
+  ASSERT_TRUE(v_->setxattr(f, "system.posix_acl_access", base.data(), base.size(), 0));
+  EXPECT_EQ(v_->getattr(f)->mode, uint32_t(S_IFREG | 0644));
+  EXPECT_EQ(getx(f, "system.posix_acl_access").status().error(), ENODATA);
+  EXPECT_EQ(blocks(f), 0u);
+  // Removing an ACL that is not there is fine, as on Linux.
+  EXPECT_TRUE(v_->removexattr(f, "system.posix_acl_access"));
+  ASSERT_TRUE(v_->setxattr(f, "system.posix_acl_access", a.data(), a.size(), 0));
+  ASSERT_TRUE(v_->removexattr(f, "system.posix_acl_access"));
+  EXPECT_EQ(getx(f, "system.posix_acl_access").status().error(), ENODATA);
+
+  // Malformed ACLs.
+  auto set = [&](const std::string& v) {
+    return v_->setxattr(f, "system.posix_acl_access", v.data(), v.size(), 0).error();
+  };
+  std::string v1 = a;
+  v1[0] = 1;  // version
+  EXPECT_EQ(set(v1), EINVAL);
+  EXPECT_EQ(set(a.substr(0, a.size() - 3)), EINVAL);  // not whole entries
+  EXPECT_EQ(set(acl({{kUserObj, 7, 0}, {kUser, 4, 1000}, {kGroupObj, 5, 0}, {kOther, 0, 0}})),
+            EINVAL);  // named entry without a mask
+  EXPECT_EQ(set(acl({{kGroupObj, 5, 0}, {kUserObj, 7, 0}, {kOther, 0, 0}})), EINVAL);  // order
+  EXPECT_EQ(set(acl({{kUserObj, 7, 0}, {kGroupObj, 5, 0}})), EINVAL);                  // no OTHER
+  EXPECT_EQ(set(acl({{kUserObj, 8, 0}, {kGroupObj, 5, 0}, {kOther, 0, 0}})), EINVAL);  // perm
+  EXPECT_EQ(set(acl({{kUserObj, 7, 0}, {0x40, 5, 0}, {kOther, 0, 0}})), EINVAL);       // tag
+  EXPECT_EQ(set(acl({{kUserObj, 7, 0}, {kGroupObj, 5, 0}, {kOther, 0, 0}, {kOther, 0, 0}})),
+            EINVAL);
+  EXPECT_EQ(v_->getattr(f)->mode, uint32_t(S_IFREG | 0740)) << "a rejected ACL changes nothing";
+  // Default ACLs are for directories only; an empty one is fine anywhere.
+  std::string def = acl({{kUserObj, 7, 0}, {kGroupObj, 5, 0}, {kOther, 5, 0}});
+  EXPECT_EQ(v_->setxattr(f, "system.posix_acl_default", def.data(), def.size(), 0).error(), EACCES);
+  EXPECT_TRUE(v_->setxattr(f, "system.posix_acl_default", nullptr, 0, 0));
+  EXPECT_TRUE(v_->removexattr(f, "system.posix_acl_default"));
+  expect_fsck_clean();
+}
+
+TEST_P(VolumeTest, DefaultAclIsInheritedInsteadOfTheUmask) {
+  auto d = v_->mkdir(kRootIno, "d", 0755, 0, 0);
+  ASSERT_TRUE(d);
+  std::string def = acl({{kUserObj, 7, 0},
+                         {kUser, 7, 1000},
+                         {kGroupObj, 5, 0},
+                         {kGroup, 6, 50},
+                         {kMask, 7, 0},
+                         {kOther, 5, 0}});
+  ASSERT_TRUE(v_->setxattr(d->ino, "system.posix_acl_default", def.data(), def.size(), 0));
+  EXPECT_EQ(v_->getattr(d->ino)->mode, uint32_t(S_IFDIR | 0755)) << "a default ACL leaves the mode";
+
+  // A file: the umask is ignored; mode and ACL mask each other.
+  auto f = v_->mknod(d->ino, "f", S_IFREG | 0666, 0, 0, 0, 077);
+  ASSERT_TRUE(f);
+  EXPECT_EQ(f->mode, uint32_t(S_IFREG | 0664));
+  auto fa = parse_acl(*getx(f->ino, "system.posix_acl_access"));
+  EXPECT_EQ(perm_of(fa, kUserObj), 6);
+  EXPECT_EQ(perm_of(fa, kUser, 1000), 7);
+  EXPECT_EQ(perm_of(fa, kGroup, 50), 6);
+  EXPECT_EQ(perm_of(fa, kMask), 6);
+  EXPECT_EQ(perm_of(fa, kOther), 4);
+  EXPECT_EQ(getx(f->ino, "system.posix_acl_default").status().error(), ENODATA);
+
+  // A directory: the access ACL and the default ACL too.
+  auto sub = v_->mkdir(d->ino, "sub", 0777, 0, 0, 077);
+  ASSERT_TRUE(sub);
+  EXPECT_EQ(sub->mode, uint32_t(S_IFDIR | 0775));
+  EXPECT_EQ(*getx(sub->ino, "system.posix_acl_default"), def);
+  EXPECT_EQ(perm_of(parse_acl(*getx(sub->ino, "system.posix_acl_access")), kMask), 7);
+  // ... and its children inherit in turn.
+  auto deeper = v_->mknod(sub->ino, "x", S_IFREG | 0600, 0, 0, 0, 022);
+  ASSERT_TRUE(deeper);
+  EXPECT_EQ(deeper->mode, uint32_t(S_IFREG | 0600));
+  EXPECT_EQ(perm_of(parse_acl(*getx(deeper->ino, "system.posix_acl_access")), kMask), 0);
+
+  // Symlinks never get ACLs.
+  auto sym = v_->symlink(d->ino, "s", "f", 0, 0);
+  ASSERT_TRUE(sym);
+  EXPECT_EQ(sym->mode, uint32_t(S_IFLNK | 0777));
+  EXPECT_EQ(getx(sym->ino, "system.posix_acl_access").status().error(), ENODATA);
+  EXPECT_EQ(blocks(sym->ino), 0u);
+
+  // A default ACL of base entries only: the mode is masked, no access ACL is stored.
+  auto e = v_->mkdir(kRootIno, "e", 0755, 0, 0);
+  std::string plain = acl({{kUserObj, 7, 0}, {kGroupObj, 0, 0}, {kOther, 0, 0}});
+  ASSERT_TRUE(v_->setxattr(e->ino, "system.posix_acl_default", plain.data(), plain.size(), 0));
+  auto g = v_->mknod(e->ino, "g", S_IFREG | 0666, 0, 0, 0, 0);
+  ASSERT_TRUE(g);
+  EXPECT_EQ(g->mode, uint32_t(S_IFREG | 0600));
+  EXPECT_EQ(getx(g->ino, "system.posix_acl_access").status().error(), ENODATA);
+  EXPECT_EQ(blocks(g->ino), 0u);
+
+  // Without a default ACL the umask applies, as before.
+  auto h = v_->mknod(kRootIno, "h", S_IFREG | 0666, 0, 0, 0, 022);
+  EXPECT_EQ(h->mode, uint32_t(S_IFREG | 0644));
+  auto hd = v_->mkdir(kRootIno, "hd", 0777, 0, 0, 027);
+  EXPECT_EQ(hd->mode, uint32_t(S_IFDIR | 0750));
+  // Removing the default ACL ends the inheritance.
+  ASSERT_TRUE(v_->removexattr(d->ino, "system.posix_acl_default"));
+  auto later = v_->mknod(d->ino, "later", S_IFREG | 0666, 0, 0, 0, 022);
+  EXPECT_EQ(later->mode, uint32_t(S_IFREG | 0644));
+  EXPECT_EQ(getx(later->ino, "system.posix_acl_access").status().error(), ENODATA);
+  ASSERT_TRUE(v_->sync_wait());
+  mount();
+  EXPECT_EQ(perm_of(parse_acl(*getx(f->ino, "system.posix_acl_access")), kGroup, 50), 6);
+  expect_fsck_clean();
+}
+
+// --- fallocate and SEEK_DATA / SEEK_HOLE
+// ----------------------------------------------------------
+
+TEST_P(VolumeTest, FallocateAllocatesZeroedBlocks) {
+  const uint32_t bs = v_->block_size();
+  // Leave old data in free blocks, so that fallocate must not show it.
+  uint64_t junk = create(kRootIno, "junk");
+  std::string garbage(64 * bs, 'J');
+  ASSERT_TRUE(v_->write(junk, 0, garbage.data(), garbage.size()));
+  ASSERT_TRUE(v_->sync_wait());
+  ASSERT_TRUE(v_->unlink(kRootIno, "junk"));
+  ASSERT_TRUE(v_->sync_wait());
+
+  uint64_t f = create(kRootIno, "f");
+  std::string head(5000, 'a');
+  ASSERT_TRUE(v_->write(f, 0, head.data(), head.size()));
+  uint64_t free_before = v_->statfs().f_bfree;
+  // Mode 0: blocks and size.
+  ASSERT_TRUE(v_->fallocate(f, 0, 0, 40 * bs));
+  auto a = *v_->getattr(f);
+  EXPECT_EQ(a.size, 40u * bs);
+  EXPECT_EQ(blocks(f), 40u + 1u) << "40 data blocks and a pointer block";
+  EXPECT_EQ(v_->statfs().f_bfree, free_before - 39);
+  std::string data = read_all(f);
+  EXPECT_EQ(data.substr(0, 5000), head);
+  EXPECT_EQ(data.find_first_not_of('\0', 5000), std::string::npos)
+      << "fallocated blocks read zeros";
+  // Again over the same range: nothing more to do.
+  ASSERT_TRUE(v_->fallocate(f, 0, 100, 10 * bs));
+  EXPECT_EQ(blocks(f), 41u);
+
+  // KEEP_SIZE: blocks past the end, counted, and the size stays.
+  ASSERT_TRUE(v_->fallocate(f, FALLOC_FL_KEEP_SIZE, 40 * bs, 10 * bs));
+  EXPECT_EQ(v_->getattr(f)->size, 40u * bs);
+  EXPECT_EQ(blocks(f), 51u);
+  // Writes into them take no new blocks.
+  ASSERT_TRUE(v_->write(f, 45 * bs, "x", 1));
+  EXPECT_EQ(blocks(f), 51u);
+  data = read_all(f);
+  EXPECT_EQ(data.size(), 45u * bs + 1);
+  EXPECT_EQ(data.find_first_not_of('\0', 5000), 45u * bs);
+
+  // Unaligned mode 0 extends to the exact byte.
+  uint64_t g = create(kRootIno, "g");
+  ASSERT_TRUE(v_->fallocate(g, 0, 100, 10));
+  EXPECT_EQ(v_->getattr(g)->size, 110u);
+  EXPECT_EQ(read_all(g), std::string(110, '\0'));
+  EXPECT_EQ(blocks(g), 1u);
+  ASSERT_TRUE(v_->sync_wait());
+  mount();
+  EXPECT_EQ(v_->getattr(f)->size, 45u * bs + 1);
+  EXPECT_EQ(blocks(f), 51u);
+
+  // Nearly all the free space, so that the junk file's old blocks are among those taken: they
+  // read as zeros all the same.
+  uint64_t h = create(kRootIno, "h");
+  uint64_t most = v_->statfs().f_bfree * 63 / 64;
+  ASSERT_TRUE(v_->fallocate(h, 0, 0, most * bs));
+  EXPECT_EQ(read_all(h).find_first_not_of('\0'), std::string::npos);
+  expect_fsck_clean();
+}
+
+TEST_P(VolumeTest, FallocateZeroRange) {
+  const uint32_t bs = v_->block_size();
+  uint64_t f = create(kRootIno, "f");
+  std::string data(8 * bs, '\0');
+  for (std::size_t i = 0; i < data.size(); ++i) data[i] = char('a' + i % 26);
+  ASSERT_TRUE(v_->write(f, 0, data.data(), data.size()));
+  uint64_t before = blocks(f);
+  // Partial blocks at both edges, whole ones between.
+  ASSERT_TRUE(v_->fallocate(f, FALLOC_FL_ZERO_RANGE, 1000, 3 * bs + 100));
+  std::fill(data.begin() + 1000, data.begin() + 1000 + 3 * bs + 100, '\0');
+  EXPECT_EQ(read_all(f), data);
+  EXPECT_EQ(blocks(f), before) << "zeroing keeps the blocks";
+  // Across the end: with KEEP_SIZE the size stays, and blocks are allocated.
+  ASSERT_TRUE(v_->fallocate(f, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, 7 * bs + 10, 3 * bs));
+  std::fill(data.begin() + 7 * bs + 10, data.end(), '\0');
+  EXPECT_EQ(read_all(f), data);
+  EXPECT_EQ(blocks(f), before + 3);
+  // Without, it grows.
+  ASSERT_TRUE(v_->fallocate(f, FALLOC_FL_ZERO_RANGE, 9 * bs, bs + 7));
+  data.resize(10 * bs + 7, '\0');
+  EXPECT_EQ(read_all(f), data);
+  EXPECT_EQ(blocks(f), before + 3);
+  // Holes in the range are allocated too.
+  uint64_t s = create(kRootIno, "sparse");
+  ASSERT_TRUE(v_->write(s, 4 * bs, "end", 3));
+  ASSERT_TRUE(v_->fallocate(s, FALLOC_FL_ZERO_RANGE, 0, 2 * bs));
+  EXPECT_EQ(blocks(s), 3u);
+  EXPECT_EQ(v_->getattr(s)->size, 4u * bs + 3);
+  ASSERT_TRUE(v_->sync_wait());
+  mount();
+  EXPECT_EQ(read_all(f), data);
+  expect_fsck_clean();
+}
+
+TEST_P(VolumeTest, PunchHoleFreesBlocks) {
+  const uint32_t bs = v_->block_size();
+  uint64_t f = create(kRootIno, "f");
+  std::string data(10 * bs, 'p');
+  ASSERT_TRUE(v_->write(f, 0, data.data(), data.size()));
+  ASSERT_TRUE(v_->sync_wait());
+  uint64_t free_before = v_->statfs().f_bfree;
+  EXPECT_EQ(v_->fallocate(f, FALLOC_FL_PUNCH_HOLE, 0, bs).error(), EOPNOTSUPP);
+  ASSERT_TRUE(v_->fallocate(f, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, bs + 100, 5 * bs - 50));
+  // Blocks 2..5 go; the edges of blocks 1 and 6 read zeros.
+  std::fill(data.begin() + bs + 100, data.begin() + 6 * bs + 50, '\0');
+  EXPECT_EQ(read_all(f), data);
+  EXPECT_EQ(v_->getattr(f)->size, 10u * bs);
+  EXPECT_EQ(blocks(f), 6u);
+  ASSERT_TRUE(v_->sync_wait());
+  EXPECT_EQ(v_->statfs().f_bfree, free_before + 4);
+  EXPECT_EQ(*v_->seek_data(f, bs + 200, SEEK_HOLE), 2u * bs);
+  EXPECT_EQ(*v_->seek_data(f, 2 * bs, SEEK_DATA), 6u * bs);
+  // Within one block: zeros, nothing freed.
+  ASSERT_TRUE(v_->fallocate(f, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 8 * bs + 10, 20));
+  std::fill(data.begin() + 8 * bs + 10, data.begin() + 8 * bs + 30, '\0');
+  EXPECT_EQ(read_all(f), data);
+  EXPECT_EQ(blocks(f), 6u);
+
+  // A big file: punching everything frees the pointer blocks too, and preallocated blocks past
+  // the end.
+  uint64_t big = create(kRootIno, "big");
+  std::string chunk(1 << 20, 'B');
+  for (int i = 0; i < 6; ++i)
+    ASSERT_TRUE(v_->write(big, uint64_t(i) << 20, chunk.data(), chunk.size()));
+  ASSERT_TRUE(v_->fallocate(big, FALLOC_FL_KEEP_SIZE, 6 << 20, 1 << 20));
+  EXPECT_GT(blocks(big), (7u << 20) / bs);
+  ASSERT_TRUE(v_->fallocate(big, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0, 8 << 20));
+  EXPECT_EQ(blocks(big), 0u);
+  EXPECT_EQ(v_->getattr(big)->size, 6u << 20);
+  EXPECT_EQ(read_all(big), std::string(6 << 20, '\0'));
+  EXPECT_EQ(v_->seek_data(big, 0, SEEK_DATA).status().error(), ENXIO);
+  ASSERT_TRUE(v_->sync_wait());
+  EXPECT_EQ(v_->statfs().f_bfree, free_before + 4);
+  mount();
+  EXPECT_EQ(read_all(f), data);
+  expect_fsck_clean();
+}
+
+TEST_P(VolumeTest, FallocateErrorsAndEnospc) {
+  const uint32_t bs = v_->block_size();
+  uint64_t f = create(kRootIno, "f");
+  auto d = v_->mkdir(kRootIno, "d", 0755, 0, 0);
+  auto fifo = v_->mknod(kRootIno, "fifo", S_IFIFO | 0644, 0, 0, 0);
+  auto chr = v_->mknod(kRootIno, "chr", S_IFCHR | 0644, makedev(1, 3), 0, 0);
+  EXPECT_EQ(v_->fallocate(d->ino, 0, 0, bs).error(), EISDIR);
+  EXPECT_EQ(v_->fallocate(fifo->ino, 0, 0, bs).error(), ESPIPE);
+  EXPECT_EQ(v_->fallocate(chr->ino, 0, 0, bs).error(), ENODEV);
+  EXPECT_EQ(v_->fallocate(f, 0, 0, 0).error(), EINVAL);
+  EXPECT_EQ(v_->fallocate(f, FALLOC_FL_COLLAPSE_RANGE, 0, bs).error(), EOPNOTSUPP);
+  EXPECT_EQ(
+      v_->fallocate(f, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, 0, bs)
+          .error(),
+      EINVAL);
+  EXPECT_EQ(v_->fallocate(f, 0, 16ull << 40, 1).error(), EFBIG);
+  EXPECT_EQ(v_->fallocate(f, FALLOC_FL_KEEP_SIZE, ~0ull - 10, 100).error(), EFBIG);
+  EXPECT_EQ(v_->fallocate(kRootIno + 1000, 0, 0, bs).error(), ENOENT);
+
+  // More than is free: ENOSPC, and the file and the volume as they were.
+  ASSERT_TRUE(v_->write(f, 0, "abc", 3));
+  ASSERT_TRUE(v_->sync_wait());
+  auto st = v_->statfs();
+  uint64_t free_blocks = st.f_bfree;
+  for (int mode : {0, FALLOC_FL_KEEP_SIZE, FALLOC_FL_ZERO_RANGE}) {
+    EXPECT_EQ(v_->fallocate(f, mode, 0, (free_blocks + 10) * bs).error(), ENOSPC);
+    EXPECT_EQ(v_->getattr(f)->size, 3u);
+    EXPECT_EQ(blocks(f), 1u);
+    EXPECT_EQ(v_->statfs().f_bfree, free_blocks);
+  }
+  // Most of it works, and it reads zeros; the rest is too little for a file of as much again.
+  uint64_t want = free_blocks - free_blocks / 64 - 16;  // room for the pointer blocks
+  ASSERT_TRUE(v_->fallocate(f, FALLOC_FL_KEEP_SIZE, 0, want * bs));
+  EXPECT_EQ(v_->getattr(f)->size, 3u);
+  EXPECT_GE(blocks(f), want);
+  EXPECT_EQ(v_->statfs().f_bfree, free_blocks - (blocks(f) - 1));
+  uint64_t g = create(kRootIno, "g");
+  EXPECT_EQ(v_->fallocate(g, 0, 0, want * bs).error(), ENOSPC);
+  EXPECT_EQ(v_->getattr(g)->size, 0u);
+  EXPECT_EQ(blocks(g), 0u);
+  // Freed blocks count once their transaction commits: fallocate commits to get them.
+  ASSERT_TRUE(v_->unlink(kRootIno, "f"));
+  ASSERT_TRUE(v_->fallocate(g, 0, 0, want * bs));
+  EXPECT_EQ(v_->getattr(g)->size, want * bs);
+  std::string back(bs, 'x');
+  ASSERT_TRUE(v_->read(g, (want - 1) * bs, back.data(), back.size()));
+  EXPECT_EQ(back, std::string(bs, '\0'));
+  expect_fsck_clean();
+}
+
+TEST_P(VolumeTest, SeekDataAndHoleOnASparseFile) {
+  const uint64_t bs = v_->block_size();
+  uint64_t f = create(kRootIno, "f");
+  ASSERT_TRUE(v_->write(f, 0, "a", 1));
+  ASSERT_TRUE(v_->write(f, 5 * bs + 10, "b", 1));
+  // Far out, under the double-indirect block: the walk skips whole missing subtrees.
+  const uint64_t far = 12 + bs / 8 + 3 * (bs / 8) + 7;
+  ASSERT_TRUE(v_->write(f, far * bs, "cc", 2));
+  ASSERT_TRUE(v_->write(f, (far + 1) * bs, "dd", 2));
+  SetAttr c;
+  c.size = (far + 100) * bs;
+  ASSERT_TRUE(v_->setattr(f, c));
+  EXPECT_EQ(*v_->seek_data(f, 0, SEEK_DATA), 0u);
+  EXPECT_EQ(*v_->seek_data(f, 0, SEEK_HOLE), bs);
+  EXPECT_EQ(*v_->seek_data(f, 100, SEEK_HOLE), bs);
+  EXPECT_EQ(*v_->seek_data(f, 1, SEEK_DATA), 1u);
+  EXPECT_EQ(*v_->seek_data(f, bs, SEEK_DATA), 5 * bs);
+  EXPECT_EQ(*v_->seek_data(f, bs + 7, SEEK_HOLE), bs + 7);
+  EXPECT_EQ(*v_->seek_data(f, 5 * bs + 3, SEEK_DATA), 5 * bs + 3);
+  EXPECT_EQ(*v_->seek_data(f, 6 * bs, SEEK_DATA), far * bs);
+  EXPECT_EQ(*v_->seek_data(f, far * bs + 1, SEEK_HOLE), (far + 2) * bs);
+  EXPECT_EQ(v_->seek_data(f, (far + 2) * bs, SEEK_DATA).status().error(), ENXIO);
+  EXPECT_EQ(*v_->seek_data(f, (far + 2) * bs, SEEK_HOLE), (far + 2) * bs);
+  EXPECT_EQ(v_->seek_data(f, (far + 100) * bs, SEEK_HOLE).status().error(), ENXIO);
+  EXPECT_EQ(v_->seek_data(f, (far + 100) * bs, SEEK_DATA).status().error(), ENXIO);
+  EXPECT_EQ(v_->seek_data(f, 0, SEEK_END).status().error(), EINVAL);
+  // A file all data: the only hole is its end, mid-block or not.
+  uint64_t g = create(kRootIno, "g");
+  std::string data(3 * bs + 5, 'g');
+  ASSERT_TRUE(v_->write(g, 0, data.data(), data.size()));
+  EXPECT_EQ(*v_->seek_data(g, 10, SEEK_HOLE), data.size());
+  EXPECT_EQ(*v_->seek_data(g, 3 * bs + 1, SEEK_DATA), 3 * bs + 1);
+  uint64_t empty = create(kRootIno, "empty");
+  EXPECT_EQ(v_->seek_data(empty, 0, SEEK_DATA).status().error(), ENXIO);
+  EXPECT_EQ(v_->seek_data(empty, 0, SEEK_HOLE).status().error(), ENXIO);
+  // Preallocated blocks are data.
+  ASSERT_TRUE(v_->fallocate(f, 0, 2 * bs, bs));
+  EXPECT_EQ(*v_->seek_data(f, bs, SEEK_DATA), 2 * bs);
+  expect_fsck_clean();
+}
+
+TEST_P(VolumeTest, ConcurrentFallocateWritesAndXattrs) {
+  // Each thread works on a file of its own against a model of it, while the others allocate,
+  // punch and commit around it; then every file must match its model and fsck find nothing.
+  const uint64_t bs = v_->block_size();
+  constexpr int kThreads = 4;
+  std::vector<uint64_t> inos;
+  for (int t = 0; t < kThreads; ++t) inos.push_back(create(kRootIno, nm('c', t)));
+  std::vector<std::string> models(kThreads);
+  std::vector<std::string> errors(kThreads);
+  std::vector<std::thread> threads;
+  for (int t = 0; t < kThreads; ++t) {
+    threads.emplace_back([&, t] {
+      uint64_t ino = inos[t];
+      std::string& d = models[t];
+      uint64_t x = 0x9E3779B97F4A7C15ull * (t + 1);
+      auto next = [&](uint64_t n) {
+        x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+        return x % n;
+      };
+      auto fail = [&](const std::string& what, const Status& s) {
+        if (errors[t].empty()) errors[t] = what + ": " + s.to_string();
+      };
+      for (int i = 0; i < 1000 && errors[t].empty(); ++i) {
+        uint64_t off = next(300 * bs), len = 1 + next(20 * bs);
+        switch (next(6)) {
+          case 0: {
+            std::string data(len, char('a' + next(26)));
+            if (auto n = v_->write(ino, off, data.data(), data.size()); !n) {
+              fail("write", n.status());
+              break;
+            }
+            if (d.size() < off + len) d.resize(off + len, '\0');
+            d.replace(off, len, data);
+            break;
+          }
+          case 1:
+            if (Status s = v_->fallocate(ino, 0, off, len); !s) fail("fallocate", s);
+            if (d.size() < off + len) d.resize(off + len, '\0');
+            break;
+          case 2:
+            if (Status s = v_->fallocate(ino, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, off, len);
+                !s) {
+              fail("punch", s);
+            }
+            if (off < d.size()) std::fill_n(d.begin() + off, std::min(len, d.size() - off), '\0');
+            break;
+          case 3:
+            if (Status s = v_->fallocate(ino, FALLOC_FL_ZERO_RANGE, off, len); !s) fail("zero", s);
+            if (d.size() < off + len) d.resize(off + len, '\0');
+            std::fill_n(d.begin() + off, len, '\0');
+            break;
+          case 4: {
+            std::string value(1 + next(1000), char('A' + t));
+            if (Status s = v_->setxattr(ino, "user.v", value.data(), value.size(), 0); !s) {
+              fail("setxattr", s);
+            }
+            break;
+          }
+          case 5:
+            if (off < d.size()) {
+              auto pos = v_->seek_data(ino, off, next(2) == 0 ? SEEK_DATA : SEEK_HOLE);
+              if (!pos && pos.status().error() != ENXIO) fail("seek", pos.status());
+            }
+            if (next(4) == 0) (void)v_->sync_wait();
+            break;
+        }
+        // Now and then the whole file, read back while the others go on.
+        if (next(8) == 0 && errors[t].empty()) {
+          std::string back(d.size(), '\0');
+          auto n = v_->read(ino, 0, back.data(), back.size());
+          if (!n || back != d) errors[t] = "content differs after call " + std::to_string(i);
+        }
+      }
+    });
+  }
+  for (auto& th : threads) th.join();
+  // Where two contents first differ (npos: nowhere), so that a failure says little.
+  auto differ = [](const std::string& a, const std::string& b) {
+    auto at = std::mismatch(a.begin(), a.end(), b.begin(), b.end());
+    return at.first == a.end() && at.second == b.end() ? std::string::npos
+                                                       : std::size_t(at.first - a.begin());
+  };
+  for (int t = 0; t < kThreads; ++t) {
+    ASSERT_EQ(errors[t], "") << "thread " << t;
+    EXPECT_EQ(differ(read_all(inos[t]), models[t]), std::string::npos) << "thread " << t;
+  }
+  expect_fsck_clean();
+  for (int t = 0; t < kThreads; ++t) {
+    EXPECT_EQ(differ(read_all(inos[t]), models[t]), std::string::npos) << "thread " << t;
+  }
+}
+
+TEST_P(VolumeTest, ReadOnlyVolumeRefusesChangesButReads) {
+  const uint32_t bs = v_->block_size();
+  uint64_t f = create(kRootIno, "f");
+  ASSERT_TRUE(v_->setxattr(f, "user.k", "v", 1, 0));
+  ASSERT_TRUE(v_->fallocate(f, 0, 0, 4 * bs));
+  v_.reset();
+  MountOptions m;
+  m.mode = GetParam();
+  m.force_persistent = true;
+  m.read_only = true;
+  auto v = Volume::mount(path_, m);
+  ASSERT_TRUE(v) << v.status().to_string();
+  v_ = std::move(v.value());
+  EXPECT_EQ(*getx(f, "user.k"), "v");
+  EXPECT_EQ(listx(f), (std::set<std::string>{"user.k"}));
+  EXPECT_EQ(*v_->seek_data(f, 0, SEEK_HOLE), 4u * bs);
+  EXPECT_EQ(v_->setxattr(f, "user.k", "w", 1, 0).error(), EROFS);
+  EXPECT_EQ(v_->removexattr(f, "user.k").error(), EROFS);
+  EXPECT_EQ(v_->fallocate(f, 0, 0, 8 * bs).error(), EROFS);
+  EXPECT_EQ(v_->fallocate(f, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0, bs).error(), EROFS);
+}
+
 INSTANTIATE_TEST_SUITE_P(Fs, VolumeTest,
                          ::testing::Values(PersistMode::direct, PersistMode::writeback),
                          [](const auto& info) { return std::string(to_string(info.param)); });
+
+// 512-byte blocks: a smaller xattr block, and block maps four levels deep soon.
+TEST(VolumeSmallBlocks, XattrsFallocateAndSeek) {
+  TempPath path("volume512.img");
+  MkfsOptions o;
+  o.size = 64 << 20;
+  o.force_persistent = true;
+  o.sector_size = 512;
+  ASSERT_TRUE(Volume::mkfs(path, o));
+  MountOptions m;
+  m.force_persistent = true;
+  auto mounted = Volume::mount(path, m);
+  ASSERT_TRUE(mounted) << mounted.status().to_string();
+  auto v = std::move(mounted.value());
+  ASSERT_EQ(v->block_size(), 512u);
+  auto f = v->mknod(kRootIno, "f", S_IFREG | 0644, 0, 0, 0);
+  ASSERT_TRUE(f);
+  std::string value(400, 'v');
+  ASSERT_TRUE(v->setxattr(f->ino, "user.a", value.data(), value.size(), 0));
+  EXPECT_EQ(v->setxattr(f->ino, "user.b", value.data(), 100, 0).error(), ENOSPC);
+  // Past the triple-indirect block: 12 + 64 + 64^2 + 64^3 blocks.
+  const uint64_t far = (12 + 64 + 4096 + 262144 + 1000) * 512ull;
+  ASSERT_TRUE(v->write(f->ino, 0, "head", 4));
+  ASSERT_TRUE(v->fallocate(f->ino, FALLOC_FL_KEEP_SIZE, far, 100 * 512));
+  ASSERT_TRUE(v->write(f->ino, far + 50 * 512, "tail", 4));
+  EXPECT_EQ(*v->seek_data(f->ino, 512, SEEK_DATA), far);
+  EXPECT_EQ(*v->seek_data(f->ino, far, SEEK_HOLE), far + 50 * 512 + 4) << "the end";
+  EXPECT_EQ(*v->seek_data(f->ino, 600, SEEK_HOLE), 600u);
+  uint64_t blocks = v->getattr(f->ino)->blocks;
+  // The first block, the xattr block, the preallocated ones, and pointer blocks: one at each
+  // of levels 4, 3 and 2, three at level 1 (64 blocks each; the 100 start at 1000 into it).
+  EXPECT_EQ(blocks, 1u + 1 + 100 + 1 + 1 + 1 + 3);
+  auto before = v->statfs().f_bfree;
+  ASSERT_TRUE(
+      v->fallocate(f->ino, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 512, far + 512 * 512));
+  EXPECT_EQ(v->getattr(f->ino)->blocks, 2u) << "the first block and the xattr block";
+  ASSERT_TRUE(v->sync_wait());
+  EXPECT_EQ(v->statfs().f_bfree, before + blocks - 2);
+  EXPECT_EQ(v->fallocate(f->ino, 0, 1ull << 40, 512).error(), EFBIG) << "beyond the block map";
+  v.reset();
+  auto report = fsck(path, FsckOptions{});
+  ASSERT_TRUE(report);
+  EXPECT_TRUE(report->problems.empty()) << report->problems.front();
+}
 
 }  // namespace
 }  // namespace vpmfs
