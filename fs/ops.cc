@@ -207,8 +207,10 @@ Result<Attr> VolumeImpl::link(uint64_t ino, uint64_t parent, std::string_view na
   set_times(*inode, t, kCtime);
   set_times(*dir, t, kMtime | kCtime);
   iput(parent, *dir);
+  // Linked back while open and unlinked (O_TMPFILE-like): off the orphan chain, or the next
+  // mount would free a file that has a name again.
+  if (orphans_.erase(ino) != 0) orphan_remove(ino, *inode);
   iput(ino, *inode);
-  if (orphans_.count(ino) != 0) orphans_.erase(ino);  // linked back (O_TMPFILE-like)
   return to_attr(ino, *inode);
 }
 
@@ -224,18 +226,15 @@ Status VolumeImpl::drop_link(uint64_t ino, Inode& inode) {
     return Status::ok();
   }
   auto it = nodes_.find(ino);
-  if (it != nodes_.end() && it->second->held > 0) {
-    // Still open: keep the data until the last reference goes, on the orphan chain so that a
-    // crash in between does not leak it.
-    inode.next_orphan = sb_.orphan_head;
-    iput(ino, inode);
-    sb_.orphan_head = ino;
-    sb_.checksum = 0;
-    Superblock copy = sb_;
-    copy.checksum = 0;
-    sb_.checksum = xxhash64(&copy, sizeof copy);
-    std::memcpy(meta_mut(0), &sb_, sizeof sb_);
+  bool held = it != nodes_.end() && it->second->held > 0;
+  if (held || inode.blocks > small_file_blocks()) {
+    // Still open: keep the data until the last reference goes. Large: freed a piece at a time
+    // by reap() once the caller is done. Either way on the orphan chain, so that a crash in
+    // between does not leak it.
+    orphan_add(ino, inode);
     orphans_.insert(ino);
+    iput(ino, inode);
+    if (!held) reap_.push_back(ino);
     return Status::ok();
   }
   if (Status s = truncate_blocks(inode, 0); !s) return s;
@@ -244,34 +243,63 @@ Status VolumeImpl::drop_link(uint64_t ino, Inode& inode) {
   return Status::ok();
 }
 
-void VolumeImpl::release_inode(uint64_t ino) {
-  // The last reference to an unlinked inode: off the orphan chain, then gone.
+Status VolumeImpl::zero_tail(Inode& inode) {
+  if (inode.size % bs_ == 0) return Status::ok();
+  auto lba = bmap(inode, inode.size / bs_, false, nullptr);
+  if (!lba || *lba == 0) return lba.status();
+  std::vector<std::byte> block(bs_);
+  if (Status s = btt_->read(*lba, block.data()); !s) return s;
+  std::memset(block.data() + inode.size % bs_, 0, bs_ - inode.size % bs_);
+  return btt_->write(*lba, block.data());
+}
+
+uint64_t VolumeImpl::small_file_blocks() const { return 64; }
+
+Status VolumeImpl::free_blocks_from(uint64_t ino, uint64_t keep, Lock& lock) {
+  const uint64_t piece = bs_ / 8;  // a pointer block's worth
+  for (;;) {
+    auto inode = iget(ino);
+    if (!inode) return inode.status();
+    bool inline_link = S_ISLNK(inode->mode) && inode->size <= kInlineSymlink;
+    uint64_t next = UINT64_MAX;
+    if (!inline_link && inode->blocks > piece) {
+      map_walk(*inode, keep, map_capacity(), [&](const MapRun& r) {
+        if (r.lba == 0) return true;
+        next = r.fb;
+        return false;
+      });
+    }
+    if (next == UINT64_MAX) {
+      // Few blocks left, or none beyond `keep` but pointer blocks: one step frees the rest.
+      if (Status s = truncate_blocks(*inode, keep); !s) return s;
+      iput(ino, *inode);
+      return Status::ok();
+    }
+    punch_blocks(*inode, next, std::min(map_capacity(), (next / piece + 1) * piece));
+    iput(ino, *inode);
+    throttle(lock);
+    if (!failed_) return failed_;
+  }
+}
+
+void VolumeImpl::release_inode(uint64_t ino, Lock& lock) {
+  // The last reference to an unlinked inode: its blocks, then off the orphan chain and gone.
+  orphans_.erase(ino);  // released once, even while the pieces let other calls run
+  if (Status s = free_blocks_from(ino, 0, lock); !s) return;
   auto inode = iget(ino);
   if (!inode) return;
-  uint64_t prev = 0;
-  for (uint64_t cur = sb_.orphan_head, guard = 0; cur != 0 && guard < sb_.inode_count; ++guard) {
-    if (cur == ino) {
-      if (prev == 0) {
-        sb_.orphan_head = inode->next_orphan;
-        Superblock copy = sb_;
-        copy.checksum = 0;
-        sb_.checksum = xxhash64(&copy, sizeof copy);
-        std::memcpy(meta_mut(0), &sb_, sizeof sb_);
-      } else if (auto p = iget(prev)) {
-        p->next_orphan = inode->next_orphan;
-        iput(prev, *p);
-      }
-      break;
-    }
-    auto c = iget(cur);
-    if (!c) break;
-    prev = cur;
-    cur = c->next_orphan;
-  }
-  orphans_.erase(ino);
-  truncate_blocks(*inode, 0);
+  orphan_remove(ino, *inode);
   xattr_free(*inode);
   ifree(ino);
+}
+
+Status VolumeImpl::reap(Lock& lock) {
+  while (!reap_.empty()) {
+    uint64_t ino = reap_.back();
+    reap_.pop_back();
+    release_inode(ino, lock);
+  }
+  return failed_;
 }
 
 Status VolumeImpl::unlink(uint64_t parent, std::string_view name) {
@@ -291,7 +319,8 @@ Status VolumeImpl::unlink(uint64_t parent, std::string_view name) {
   if (Status s = dir_remove(parent, *dir, name); !s) return s;
   set_times(*dir, now(), kMtime | kCtime);
   iput(parent, *dir);
-  return drop_link(*ino, *inode);
+  if (Status s = drop_link(*ino, *inode); !s) return s;
+  return reap(lock);
 }
 
 Status VolumeImpl::rmdir(uint64_t parent, std::string_view name) {
@@ -315,7 +344,8 @@ Status VolumeImpl::rmdir(uint64_t parent, std::string_view name) {
   --dir->nlink;
   set_times(*dir, now(), kMtime | kCtime);
   iput(parent, *dir);
-  return drop_link(*ino, *inode);
+  if (Status s = drop_link(*ino, *inode); !s) return s;
+  return reap(lock);
 }
 
 Status VolumeImpl::rename(uint64_t parent, std::string_view name, uint64_t new_parent,
@@ -445,7 +475,7 @@ Status VolumeImpl::rename(uint64_t parent, std::string_view name, uint64_t new_p
     set_times(*to_dir, t, kMtime | kCtime);
     iput(new_parent, *to_dir);
   }
-  return Status::ok();
+  return reap(lock);
 }
 
 Result<Attr> VolumeImpl::setattr(uint64_t ino, const SetAttr& c) {
@@ -483,23 +513,23 @@ Result<Attr> VolumeImpl::setattr(uint64_t ino, const SetAttr& c) {
   if (c.gid) inode->gid = *c.gid;
   if (c.atime) set_times(*inode, Timestamp{c.atime->tv_sec, uint32_t(c.atime->tv_nsec)}, kAtime);
   if (c.mtime) set_times(*inode, Timestamp{c.mtime->tv_sec, uint32_t(c.mtime->tv_nsec)}, kMtime);
+  bool large_cut = false;
   if (c.size) {
     if (S_ISDIR(inode->mode)) return Status(EISDIR, "is a directory");
     if (!S_ISREG(inode->mode)) return Status(EINVAL, "not a regular file");
     if (*c.size > kMaxFileSize) return Status(EFBIG, "file too large");
     if (*c.size < inode->size) {
       uint64_t keep = (*c.size + bs_ - 1) / bs_;
-      if (Status s = truncate_blocks(*inode, keep); !s) return s;
-      // The tail of the last block must read as zeros if the file grows again.
-      if (*c.size % bs_ != 0) {
-        auto lba = bmap(*inode, *c.size / bs_, false, nullptr);
-        if (lba && *lba != 0) {
-          std::vector<std::byte> block(bs_);
-          if (Status s = btt_->read(*lba, block.data()); !s) return s;
-          std::memset(block.data() + *c.size % bs_, 0, bs_ - *c.size % bs_);
-          if (Status s = btt_->write(*lba, block.data()); !s) return s;
-        }
+      // Many blocks to free: after the new size is stored, a piece per step, the file on the
+      // orphan chain meanwhile so that the next mount finishes a cut a crash interrupted.
+      large_cut = inode->blocks > small_file_blocks();
+      if (large_cut) {
+        orphan_add(ino, *inode);
+      } else if (Status s = truncate_blocks(*inode, keep); !s) {
+        return s;
       }
+    } else if (*c.size > inode->size) {
+      if (Status s = zero_tail(*inode); !s) return s;
     }
     inode->size = *c.size;
     if (!c.mtime) set_times(*inode, t, kMtime);
@@ -509,6 +539,13 @@ Result<Attr> VolumeImpl::setattr(uint64_t ino, const SetAttr& c) {
   }
   set_times(*inode, t, kCtime);
   iput(ino, *inode);
+  if (large_cut) {
+    if (Status s = free_blocks_from(ino, ceil_div(*c.size, bs_), lock); !s) return s;
+    inode = iget(ino);
+    if (!inode) return inode.status();
+    orphan_remove(ino, *inode);
+    iput(ino, *inode);
+  }
   return to_attr(ino, *inode);
 }
 
@@ -565,6 +602,31 @@ Result<std::size_t> VolumeImpl::write(uint64_t ino, uint64_t offset, const void*
     n = &node(ino);
   }
   std::unique_lock io(n->io);
+  // In pieces that each change a handful of metadata blocks, with room made in the journal
+  // before each: one large write never outgrows the journal. A crash part way keeps a prefix.
+  const uint64_t piece = uint64_t(bs_) * (bs_ / 8);  // a pointer block's worth
+  const auto* in = static_cast<const std::byte*>(buf);
+  std::size_t done = 0;
+  while (done < len) {
+    uint64_t at = offset + done;
+    std::size_t want = std::min<uint64_t>(len - done, (at / piece + 1) * piece - at);
+    auto wrote = write_piece(ino, at, in + done, want);
+    if (!wrote) {
+      if (done == 0) return wrote;
+      break;  // a short write; the error comes back on the next call
+    }
+    done += *wrote;
+    if (*wrote < want) break;  // out of space part way
+  }
+  return done;
+}
+
+Result<std::size_t> VolumeImpl::write_piece(uint64_t ino, uint64_t offset, const std::byte* in,
+                                            std::size_t len) {
+  {
+    Lock lock(mu_);
+    throttle(lock);
+  }
   std::shared_lock gate(gate_);
   struct Target {
     uint64_t lba;
@@ -593,6 +655,9 @@ Result<std::size_t> VolumeImpl::write(uint64_t ino, uint64_t offset, const void*
     // ENOSPC part way: write what has blocks.
     uint64_t end = std::min<uint64_t>(offset + len, (offset / bs_ + targets.size()) * bs_);
     len = end - offset;
+    if (offset > inode->size) {
+      if (Status s = zero_tail(*inode); !s) return s;
+    }
     inode->size = std::max(inode->size, end);
     set_times(*inode, now(), kMtime | kCtime);
     inode->mode &= ~uint32_t(S_ISUID);  // writes drop setuid, as the kernel expects
@@ -600,7 +665,6 @@ Result<std::size_t> VolumeImpl::write(uint64_t ino, uint64_t offset, const void*
   }
   // The data, without the volume lock. Whole blocks go straight from the caller's buffer into
   // the BTT's free block: the only copy.
-  const auto* in = static_cast<const std::byte*>(buf);
   std::vector<std::byte> tmp(bs_);
   uint64_t pos = offset;
   for (const Target& t : targets) {
@@ -637,7 +701,7 @@ void VolumeImpl::forget(uint64_t ino, uint64_t count) {
   if (it == nodes_.end()) return;
   Node& n = *it->second;
   n.held -= std::min(n.held, count);
-  if (n.held == 0 && orphans_.count(ino) != 0 && !read_only_ && failed_.is_ok()) release_inode(ino);
+  if (n.held == 0 && orphans_.count(ino) != 0 && !read_only_ && failed_.is_ok()) release_inode(ino, lock);
 }
 
 struct statvfs VolumeImpl::statfs() {
@@ -1052,6 +1116,7 @@ Status VolumeImpl::fallocate_allocate(uint64_t ino, uint64_t offset, uint64_t en
       int times = kCtime;
       uint64_t new_end = std::min(end, hi * bs_);
       if (!keep && new_end > inode->size) {
+        if (Status s = zero_tail(*inode); !s) failed = s;
         inode->size = new_end;
         times |= kMtime;
       }

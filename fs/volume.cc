@@ -225,6 +225,10 @@ Result<std::unique_ptr<Volume>> VolumeImpl::open(const std::string& image, const
   auto v = std::unique_ptr<VolumeImpl>(new VolumeImpl());
   if (Status s = v->load(image, o); !s) return s;
   v->committer_ = std::thread([p = v.get()] { p->committer(); });
+  // With the committer running: finishing a large orphan takes several transactions.
+  if (!v->read_only_) {
+    if (Status s = v->free_orphans(); !s) return s;
+  }
   return std::unique_ptr<Volume>(std::move(v));
 }
 
@@ -235,6 +239,7 @@ Status VolumeImpl::load(const std::string& image, const MountOptions& o) {
   ro.read_only = o.read_only;
   read_only_ = o.read_only;
   commit_interval_ms_ = std::max<uint32_t>(o.commit_interval_ms, 1);
+  max_transaction_blocks_ = o.max_transaction_blocks;
   on_error_ = o.on_error;
   auto region = Region::open(image, ro);
   if (!region) return region.status();
@@ -295,11 +300,7 @@ Status VolumeImpl::load(const std::string& image, const MountOptions& o) {
     if (Status s = replay_journal(); !s) return s;
     if (Status s = replay_kill_log(h, o); !s) return s;
   }
-  if (Status s = load_bitmaps(); !s) return s;
-  if (!read_only_) {
-    if (Status s = free_orphans(); !s) return s;
-  }
-  return Status::ok();
+  return load_bitmaps();
 }
 
 Status VolumeImpl::replay_kill_log(const ImageHeader& h, const MountOptions& o) {
@@ -437,28 +438,65 @@ Status VolumeImpl::load_bitmaps() {
   return Status::ok();
 }
 
+void VolumeImpl::store_super() {
+  sb_.checksum = super_checksum(sb_);
+  std::memcpy(meta_mut(0), &sb_, sizeof sb_);
+}
+
+void VolumeImpl::orphan_add(uint64_t ino, Inode& inode) {
+  inode.next_orphan = sb_.orphan_head;
+  sb_.orphan_head = ino;
+  store_super();
+}
+
+void VolumeImpl::orphan_remove(uint64_t ino, Inode& inode) {
+  if (sb_.orphan_head == ino) {
+    sb_.orphan_head = inode.next_orphan;
+    store_super();
+  } else {
+    // Singly linked: find the predecessor. The chain only holds files unlinked while open.
+    uint64_t cur = sb_.orphan_head;
+    for (uint64_t guard = 0; cur != 0 && guard < sb_.inode_count; ++guard) {
+      auto c = iget(cur);
+      if (!c) break;
+      if (c->next_orphan == ino) {
+        c->next_orphan = inode.next_orphan;
+        iput(cur, *c);
+        break;
+      }
+      cur = c->next_orphan;
+    }
+  }
+  inode.next_orphan = 0;
+}
+
 Status VolumeImpl::free_orphans() {
-  // Inodes unlinked while open when the volume went down: nothing refers to them any more.
+  // The orphan chain as the volume went down: files unlinked while open, or whose blocks were
+  // being freed (nlink 0), and files being truncated (nlink > 0). Each is finished, head first,
+  // and leaves the chain in the step that finishes it, so a crash here only shortens the chain.
   Lock lock(mu_);
-  uint64_t ino = sb_.orphan_head;
-  uint64_t guard = 0;
-  while (ino != 0 && guard++ < sb_.inode_count) {
+  if (sb_.orphan_head == 0) return Status::ok();
+  for (uint64_t guard = 0; sb_.orphan_head != 0; ++guard) {
+    uint64_t ino = sb_.orphan_head;
     auto inode = iget(ino);
     if (!inode) return inode.status();
-    uint64_t next = inode->next_orphan;
-    if (Status s = truncate_blocks(*inode, 0); !s) return s;
-    xattr_free(*inode);
-    ifree(ino);
-    ino = next;
+    if (guard >= sb_.inode_count || inode->mode == 0) {
+      return Status(EUCLEAN, "the orphan chain is damaged; run fsck.vpmfs");
+    }
+    uint64_t keep = inode->nlink > 0 ? ceil_div(inode->size, bs_) : 0;
+    if (Status s = free_blocks_from(ino, keep, lock); !s) return s;
+    inode = iget(ino);
+    if (!inode) return inode.status();
+    orphan_remove(ino, *inode);
+    if (inode->nlink > 0) {
+      iput(ino, *inode);
+    } else {
+      xattr_free(*inode);
+      ifree(ino);
+    }
   }
-  if (sb_.orphan_head != 0) {
-    sb_.orphan_head = 0;
-    sb_.checksum = super_checksum(sb_);
-    std::memcpy(meta_mut(0), &sb_, sizeof sb_);
-    lock.unlock();
-    return commit();
-  }
-  return Status::ok();
+  lock.unlock();
+  return commit();
 }
 
 VolumeImpl::~VolumeImpl() {
@@ -501,6 +539,7 @@ std::byte* VolumeImpl::meta_new(uint64_t lba) {
 void VolumeImpl::throttle(Lock& lock) {
   // Keep every transaction well inside the journal.
   uint64_t limit = (sb_.journal_blocks - 1) / 2;
+  if (max_transaction_blocks_ != 0) limit = std::min(limit, max_transaction_blocks_);
   while (dirty_.size() > limit && failed_.is_ok()) {
     lock.unlock();
     (void)sync_wait();
@@ -545,6 +584,12 @@ Status VolumeImpl::commit() {
   if (Status s = btt_->sync_wait(); !s) return fail(s);
   // 2. The transaction into the journal, and durable: from here on replay completes it.
   uint64_t desc_blocks = ceil_div(sizeof(JournalDescriptor) + lbas.size() * 8, bs_);
+  if (desc_blocks + lbas.size() > sb_.journal_blocks) {
+    // Every call keeps its transaction small (throttle); writing on would overrun the bitmaps.
+    return fail(Status(EIO, "transaction of " + std::to_string(lbas.size()) +
+                                " blocks does not fit the journal of " +
+                                std::to_string(sb_.journal_blocks)));
+  }
   std::vector<std::byte> desc(desc_blocks * bs_);
   JournalDescriptor d{kJournalMagic, seq, lbas.size(), 0, 0};
   uint64_t sum = xxhash64(lbas.data(), lbas.size() * 8, seq);
@@ -751,6 +796,11 @@ Result<uint64_t> VolumeImpl::bmap(Inode& inode, uint64_t fb, bool allocate, bool
 }
 
 Status VolumeImpl::truncate_blocks(Inode& inode, uint64_t keep) {
+  if (S_ISLNK(inode.mode) && inode.size <= kInlineSymlink) {
+    // The pointers hold the target itself, not blocks.
+    if (keep == 0) std::memset(inode.ptr, 0, sizeof inode.ptr);
+    return Status::ok();
+  }
   const uint64_t per = bs_ / 8;
   // Frees the subtree under pointer `p` (at `level`, covering file blocks from `base`) beyond
   // `keep`; returns true if the whole subtree went.

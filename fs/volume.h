@@ -100,6 +100,12 @@ class VolumeImpl final : public Volume {
   // Block map: the LBA of a file block, 0 for a hole; with allocate, fills holes.
   Result<uint64_t> bmap(fsfmt::Inode& inode, uint64_t file_block, bool allocate, bool* fresh);
   Status truncate_blocks(fsfmt::Inode& inode, uint64_t keep_blocks);
+  // The superblock copy sb_ into its block, with a fresh checksum.
+  void store_super();
+  // The on-media orphan chain: files unlinked but not yet freed, and files a large truncate is
+  // cutting. Both change `inode`; the caller puts it.
+  void orphan_add(uint64_t ino, fsfmt::Inode& inode);
+  void orphan_remove(uint64_t ino, fsfmt::Inode& inode);
   // A stretch of the block map met by map_walk: one mapped data block (lba != 0, count 1), or
   // `count` unmapped blocks that all lie under one missing node of the map, at `level` (0: a
   // data block, 1..4: a pointer block) and covering file blocks from `base`.
@@ -145,7 +151,23 @@ class VolumeImpl final : public Volume {
                          uint32_t uid, uint32_t gid, std::string_view symlink_target,
                          uint32_t umask);
   Status drop_link(uint64_t ino, fsfmt::Inode& inode);
-  void release_inode(uint64_t ino);
+  // The last reference to an unlinked inode is gone: frees it and its blocks.
+  void release_inode(uint64_t ino, Lock& lock);
+  // Releases the inodes drop_link left for the caller, once it has put everything it changed.
+  Status reap(Lock& lock);
+  // Zeros the last block past the end of the file. A cut leaves whatever was there (the cut
+  // may never commit); whatever grows the file zeros it first, so the growth reads zeros.
+  Status zero_tail(fsfmt::Inode& inode);
+  // Blocks a file may own and still be freed in one step.
+  uint64_t small_file_blocks() const;
+  // Frees the file's blocks from file block `keep` on, a piece at a time, making room in the
+  // journal between pieces (which may commit, and lets other calls run), so that no transaction
+  // outgrows the journal however large the file. The inode stays consistent after each piece.
+  Status free_blocks_from(uint64_t ino, uint64_t keep, Lock& lock);
+  // One piece of write(): blocks for [offset, offset + len), then the data. Holds the file's io
+  // lock (the caller's); takes the data gate itself.
+  Result<std::size_t> write_piece(uint64_t ino, uint64_t offset, const std::byte* in,
+                                  std::size_t len);
   Attr to_attr(uint64_t ino, const fsfmt::Inode& inode) const;
 
   // Copies the metadata blocks changed since the last checkpoint into the kill log, so that a
@@ -171,6 +193,7 @@ class VolumeImpl final : public Volume {
   fsfmt::Superblock sb_{};
   bool read_only_ = false;
   uint32_t commit_interval_ms_ = 5000;
+  uint64_t max_transaction_blocks_ = 0;  // throttle's limit (0: half the journal)
   std::function<void(const std::string&)> on_error_;
 
   // Lock order: Node::io, then gate_, then mu_. Writers hold gate_ shared from allocating blocks
@@ -195,7 +218,8 @@ class VolumeImpl final : public Volume {
   std::unordered_set<uint64_t> quarantine_;  // freed in a transaction not yet committed
   std::vector<uint64_t> freed_;              // freed since the last commit began
   std::unordered_map<uint64_t, std::unique_ptr<Node>> nodes_;
-  std::unordered_set<uint64_t> orphans_;  // unlinked but held
+  std::unordered_set<uint64_t> orphans_;  // unlinked, not yet released
+  std::vector<uint64_t> reap_;             // unlinked, unheld, large: for reap()
 
   // The committer thread: group commit of fsync/sync requests and the periodic commit.
   std::mutex commit_mu_;

@@ -599,10 +599,16 @@ Status Arena::mark(uint32_t premap, uint32_t flag) {
   if (writeback_) {
     // Newer than any uncommitted write of this sector: drop that write. Its intent record goes
     // only now, so that a kill before the flag is stored still finds the write.
+    std::lock_guard avail_lock(avail_mu_);
     if (auto it = s.overlay.find(premap); it != s.overlay.end()) {
-      std::lock_guard avail_lock(avail_mu_);
       if (lanes_[it->second].state == LaneState::pending) release_pending(it->second);
       s.overlay.erase(it);
+    }
+    // Updates of this sector already in a commit (overtaken ones too) are told, so that the
+    // commit neither logs them (before their flog entry) nor drops the flag when it stores the
+    // map entry (after).
+    for (uint32_t li : commit_lanes_) {
+      if (lanes_[li].lba == premap) lanes_[li].marked = true;
     }
   }
   return Status::ok();
@@ -657,6 +663,7 @@ bool Arena::begin_commit() {
     // epoch: its write has not returned, so this commit owes it nothing.
     if (lanes_[i].state == LaneState::pending && lanes_[i].lba != kNoLane) {
       lanes_[i].state = LaneState::committing;
+      lanes_[i].marked = false;
       commit_lanes_.push_back(i);
     }
   }
@@ -668,8 +675,10 @@ void Arena::write_flog() {
     Lane& lane = lanes_[li];
     Stripe& s = stripe(lane.lba);
     std::lock_guard lock(s.mu);
-    auto it = s.overlay.find(lane.lba);
-    if (it == s.overlay.end() || it->second != li) continue;  // overtaken: nothing to log
+    // Trimmed or marked bad since: the flag is newer and already on media; nothing to log.
+    // Overtaken by a newer write (of the next epoch) it is still logged: this commit owes the
+    // callers of sync the sector as it was when the commit began.
+    if (lane.marked) continue;
     lane.old_raw = map_raw(lane.lba);
     Lookup old = lookup_media(lane.lba);
     lane.old_map = old.block | (old.error ? kMapError : 0);
@@ -692,10 +701,8 @@ uint64_t Arena::write_map() {
       // The flog entry is durable, so recovery would make this store anyway; it reaches media
       // with the next flush, before this lane's next flog entry can. A Z or E flag set since the
       // flog entry was written (mark) stays on the sector.
-      uint32_t now = map_raw(lane.lba);
-      uint32_t now_flags = now & kMapNormal;
-      bool marked_since = now != lane.old_raw && now_flags != kMapNormal && now_flags != 0;
-      map_write(lane.lba, lane.free | (marked_since ? now_flags : kMapNormal));
+      uint32_t flags = lane.marked ? map_raw(lane.lba) & kMapNormal : kMapNormal;
+      map_write(lane.lba, lane.free | flags);
       auto it = s.overlay.find(lane.lba);
       if (it != s.overlay.end() && it->second == li) s.overlay.erase(it);
       lane.free = lane.old_map & kMapBlockMask;
@@ -706,7 +713,10 @@ uint64_t Arena::write_map() {
     lane.state = LaneState::available;
     avail_.push_back(li);
   }
-  commit_lanes_.clear();
+  {
+    std::lock_guard avail_lock(avail_mu_);  // mark() reads it
+    commit_lanes_.clear();
+  }
   lanes_returned();
   return done;
 }
@@ -769,7 +779,23 @@ Result<uint32_t> Arena::recover_intents(std::vector<std::string>& notes, int are
   epoch_ = max_epoch + 1;
   intent_seq_.store(max_seq + 1, std::memory_order_relaxed);
   if (newest.empty()) return 0u;
-  // Copy the data out first: replaying one write may reuse another's block.
+  if (writeback_) {
+    // Each write is taken back where it is: its lane becomes pending again with its data in
+    // its free block, and its record stays valid until the commit that the caller runs next
+    // logs it. Nothing is copied, so a second kill during this commit still finds every record.
+    std::lock_guard lock(avail_mu_);
+    for (const auto& [premap, c] : newest) {
+      lanes_[c.lane].state = LaneState::pending;
+      lanes_[c.lane].lba = premap;
+      stripe(premap).overlay[premap] = c.lane;
+      avail_.erase(std::find(avail_.begin(), avail_.end(), c.lane));
+    }
+    notes.push_back(str("arena %d: took back %zu acknowledged writes from the intent log",
+                        arena_index, newest.size()));
+    return uint32_t(newest.size());
+  }
+  // Direct: each is written again, durable when written. Copy the data out first: replaying
+  // one write may reuse another's block.
   std::vector<std::pair<uint32_t, std::vector<std::byte>>> replay;
   for (const auto& [premap, c] : newest) {
     const std::byte* p = region_.at(data_off(c.rec.block));

@@ -51,6 +51,9 @@ struct MountOptions {
   // left in the kill log are replayed only on the boot that wrote them; crash tests set another
   // boot to model a power failure.
   std::optional<std::array<uint8_t, 16>> boot_id;
+  // Test hook: commit once a transaction holds this many blocks (0: half the journal), so that
+  // tests can crash large operations between their transactions.
+  uint64_t max_transaction_blocks = 0;
 };
 
 struct Attr {

@@ -209,6 +209,7 @@ TEST(BttCrash, KilledProcessKeepsEveryReturnedWrite) {
   // A process kill loses no store: every update that returned must be there, sync or not.
   TempPath path("crash-kill.img");
   TempPath target("crash-kill-dst.img");
+  TempPath target2("crash-kill-dst2.img");
   for (PersistMode mode : {PersistMode::direct, PersistMode::writeback}) {
     auto region = open_region(path, mode);
     Recording rec = record(*region, mode, 300, 99);
@@ -224,6 +225,19 @@ TEST(BttCrash, KilledProcessKeepsEveryReturnedWrite) {
       }
       std::string failure = verify(*crashed, returned, cut);
       ASSERT_TRUE(failure.empty()) << to_string(mode) << " kill at cut " << cut << ": " << failure;
+      if (mode != PersistMode::writeback) continue;
+      // Killed again while recovery commits the writes it took back (its flushes never
+      // complete): the next recovery must still find every one of them.
+      {
+        auto again = open_region(target2, PersistMode::writeback);
+        std::memcpy(again->base(), image.data(), image.size());
+        again->flush_channel().inject_failures(1 << 20);
+        auto btt = Btt::open(*again, open_options());
+        if (btt) (void)(*btt)->sync_wait();
+      }
+      auto reopened = open_region(target2, PersistMode::direct);
+      failure = verify(*reopened, returned, cut);
+      ASSERT_TRUE(failure.empty()) << "killed twice at cut " << cut << ": " << failure;
     }
     region.reset();
   }

@@ -10,6 +10,7 @@
 #include <array>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <map>
 #include <optional>
 #include <set>
@@ -35,6 +36,76 @@ constexpr std::array<uint8_t, 16> kRebootedBoot{0x33, 0x44};
 uint64_t scale() {
   const char* s = std::getenv("VPMFS_CRASH_SCALE");
   return s != nullptr ? std::max<uint64_t>(1, std::strtoull(s, nullptr, 10)) : 1;
+}
+
+// A fresh 20 MiB volume for a workload.
+void make_volume(const std::string& path, uint32_t sector_size = 4096) {
+  MkfsOptions mk;
+  mk.size = 20 << 20;
+  mk.force_persistent = true;
+  mk.lanes = 64;
+  mk.sector_size = sector_size;
+  ASSERT_TRUE(Volume::mkfs(path, mk));
+}
+
+// What fsck finds wrong with a crashed image after its mount, or "" if nothing.
+std::string fsck_problem(const std::string& image, const std::array<uint8_t, 16>& boot) {
+  FsckOptions fo;
+  fo.boot_id = boot;
+  auto report = fsck(image, fo);
+  if (!report) return "fsck failed: " + report.status().to_string();
+  if (!report->problems.empty()) return "fsck: " + report->problems.front();
+  return "";
+}
+
+// The file crash images are checked in, rewritten in place for each: truncating and refilling
+// a 20 MiB file per point costs more.
+class CrashImageFile {
+ public:
+  explicit CrashImageFile(const std::string& path)
+      : fd_(::open(path.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0644)) {}
+  ~CrashImageFile() {
+    if (fd_ >= 0) ::close(fd_);
+  }
+  bool write(const void* data, std::size_t size) {
+    return fd_ >= 0 && ::pwrite(fd_, data, size, 0) == ssize_t(size);
+  }
+
+ private:
+  int fd_;
+};
+
+// Crashes a recording under `model` every `stride` events and at its end, `seeds` images each,
+// into `crashed`; verify(cut) says what is wrong ("" if nothing). Stops at the first failure.
+// Returns the points checked.
+uint64_t crash_at_points(const CrashRecorder& recorder, CrashModel model, std::size_t stride,
+                         uint64_t seeds, uint64_t seed, const std::string& crashed,
+                         const std::function<std::string(std::size_t)>& verify) {
+  CrashReplay replay(recorder, model);
+  std::vector<std::byte> image(recorder.region_size());
+  CrashImageFile file(crashed);
+  const std::size_t total = recorder.events();
+  uint64_t points = 0;
+  for (std::size_t cut = 0; cut <= total + stride - 1; cut += stride) {
+    std::size_t at = std::min(cut, total);  // the end, too: everything synced
+    replay.advance_to(at);
+    for (uint64_t k = 0; k < seeds; ++k) {
+      uint64_t s = seed * 7919 + at * 13 + k;
+      replay.image_into(s, image.data());
+      if (!file.write(image.data(), image.size())) {
+        ADD_FAILURE() << "cannot write the crash image";
+        return points;
+      }
+      std::string failure = verify(at);
+      ++points;
+      if (!failure.empty()) {
+        ADD_FAILURE() << to_string(model) << " crash at cut " << at << " of " << total
+                      << " (seed " << s << "): " << failure;
+        return points;
+      }
+    }
+  }
+  return points;
 }
 
 std::string content(uint64_t version, std::size_t size) {
@@ -160,12 +231,109 @@ std::string verify(const std::string& crashed, const Recording& rec, std::size_t
       if (!whole) return "target holds content no completed or pending rename gave it";
     }
   }
-  FsckOptions fo;
-  fo.boot_id = kRebootedBoot;
-  auto report = fsck(crashed, fo);
-  if (!report) return "fsck failed: " + report.status().to_string();
-  if (!report->problems.empty()) return "fsck: " + report->problems.front();
-  return "";
+  return fsck_problem(crashed, kRebootedBoot);
+}
+
+// --- large truncates and deletes ----------------------------------------------------------
+// Freeing many blocks takes many transactions. A crash between them must leave the file cut
+// (or deleted) as the call asked, or untouched, and the next mount finishes what was begun:
+// fsck clean, no block leaked, and a file grown again after the crash reads zeros past the cut.
+
+struct CutRecording {
+  std::unique_ptr<CrashRecorder> recorder;
+  std::string big;             // "big" before its truncate
+  uint64_t cut_to = 0;         // its size after
+  std::string gone;            // "gone", unlinked
+  std::size_t cut_synced = 0;  // events by which both calls are durable
+};
+
+CutRecording record_cuts(const std::string& path, PersistMode mode, uint64_t seed) {
+  MountOptions mo;
+  mo.mode = mode;
+  mo.force_persistent = true;
+  mo.boot_id = kWorkloadBoot;
+  mo.max_transaction_blocks = 6;  // a commit every few pieces
+  auto v = std::move(Volume::mount(path, mo).value());
+  CutRecording rec;
+  rec.big = content(seed, 3 << 20);
+  rec.gone = content(seed + 1, 2 << 20);
+  rec.cut_to = 100 * 1000 + seed % 4096;
+  auto big = v->mknod(kRootIno, "big", S_IFREG | 0644, 0, 0, 0);
+  auto gone = v->mknod(kRootIno, "gone", S_IFREG | 0644, 0, 0, 0);
+  EXPECT_TRUE(big && gone);
+  EXPECT_TRUE(v->write(big->ino, 0, rec.big.data(), rec.big.size()));
+  EXPECT_TRUE(v->write(gone->ino, 0, rec.gone.data(), rec.gone.size()));
+  EXPECT_TRUE(v->sync_wait());
+  rec.recorder = std::make_unique<CrashRecorder>(v->region());
+  SetAttr c;
+  c.size = rec.cut_to;
+  EXPECT_TRUE(v->setattr(big->ino, c));
+  EXPECT_TRUE(v->unlink(kRootIno, "gone"));
+  EXPECT_TRUE(v->sync_wait());
+  rec.cut_synced = rec.recorder->events();
+  rec.recorder->detach();
+  return rec;
+}
+
+std::string verify_cuts(const std::string& crashed, const CutRecording& rec, std::size_t cut) {
+  MountOptions mo;
+  mo.mode = PersistMode::direct;
+  mo.force_persistent = true;
+  mo.boot_id = kRebootedBoot;
+  std::string failure;
+  {
+    auto v = Volume::mount(crashed, mo);
+    if (!v) return "mount failed: " + v.status().to_string();
+    auto big = read_all(**v, "big", &failure);
+    if (!failure.empty()) return failure;
+    if (!big) return "big is missing";
+    bool whole = *big == rec.big;
+    bool was_cut = *big == rec.big.substr(0, rec.cut_to);
+    if (!whole && !was_cut) {
+      std::size_t diff = 0;
+      while (diff < big->size() && diff < rec.big.size() && (*big)[diff] == rec.big[diff]) ++diff;
+      return "big is neither whole nor cut (size " + std::to_string(big->size()) +
+             ", differs from byte " + std::to_string(diff) + ")";
+    }
+    if (cut >= rec.cut_synced && !was_cut) return "big was cut and synced, but is whole";
+    auto gone = read_all(**v, "gone", &failure);
+    if (!failure.empty()) return failure;
+    if (gone && *gone != rec.gone) return "gone is back with other content";
+    if (gone && cut >= rec.cut_synced) return "gone was unlinked and synced, but is back";
+    // Grown again, the cut file reads zeros past its cut: no block from before survived there.
+    if (was_cut) {
+      auto a = (*v)->lookup(kRootIno, "big");
+      SetAttr grow;
+      grow.size = rec.big.size();
+      if (!(*v)->setattr(a->ino, grow)) return "cannot grow big again";
+      auto grown = read_all(**v, "big", &failure);
+      if (!grown || grown->find_first_not_of('\0', rec.cut_to) != std::string::npos) {
+        return "big grown again shows old data past its cut";
+      }
+    }
+  }
+  return fsck_problem(crashed, kRebootedBoot);
+}
+
+void crash_cuts(PersistMode mode, CrashModel model, uint64_t seed) {
+  TempPath path("fscut-src.img");
+  TempPath crashed("fscut-dst.img");
+  make_volume(path, 512);  // more pieces, more transactions
+  CutRecording rec = record_cuts(path, mode, seed);
+  const std::size_t stride = std::max<std::size_t>(1, rec.recorder->events() / (100 * scale()));
+  uint64_t points = crash_at_points(*rec.recorder, model, stride, 1, seed, crashed,
+                                    [&](std::size_t cut) { return verify_cuts(crashed, rec, cut); });
+  std::printf("%s model: %llu crash points in large cuts and deletes\n", to_string(model),
+              (unsigned long long)points);
+  EXPECT_GE(points, 100u * scale());
+}
+
+TEST(FsCrash, LargeCutsAndDeletesDirectModel) {
+  crash_cuts(PersistMode::direct, CrashModel::direct, 61);
+}
+
+TEST(FsCrash, LargeCutsAndDeletesWritebackModel) {
+  crash_cuts(PersistMode::writeback, CrashModel::writeback, 67);
 }
 
 // --- a killed daemon ---------------------------------------------------------------------------
@@ -235,7 +403,8 @@ KillRecording record_kill_workload(const std::string& path, PersistMode mode, in
     switch (rng.below(6)) {
       case 0:
       case 1: {  // create or overwrite, growing across blocks
-        std::string data = content(seed * 100 + c, 1 + rng.below(12000));
+        // Sometimes large enough that unlinking it frees the blocks in pieces.
+        std::string data = content(seed * 100 + c, 1 + rng.below(rng.below(4) == 0 ? 400000 : 12000));
         auto a = v->lookup(kRootIno, n);
         if (!a && model.count(n) == 0) {
           a = v->mknod(kRootIno, n, S_IFREG | 0644, 0, 0, 0);
@@ -283,22 +452,13 @@ TEST(FsCrash, KilledDaemonLosesNothingAcknowledged) {
     for (uint64_t run = 0; run < scale(); ++run) {
       TempPath path("fskill-src.img");
       TempPath crashed("fskill-dst.img");
-      MkfsOptions mk;
-      mk.size = 20 << 20;
-      mk.force_persistent = true;
-      mk.lanes = 64;
-      ASSERT_TRUE(Volume::mkfs(path, mk));
+      make_volume(path);
       KillRecording rec = record_kill_workload(path, mode, 60, 11 + run);
       std::size_t total = rec.recorder->events();
       std::size_t stride = std::max<std::size_t>(1, total / 150);
       for (std::size_t cut = 0; cut <= total; cut += stride) {
         auto image = rec.recorder->prefix_image(cut);
-        {
-          int fd = ::open(crashed.str().c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-          ASSERT_GE(fd, 0);
-          ASSERT_EQ(::pwrite(fd, image.data(), image.size(), 0), ssize_t(image.size()));
-          ::close(fd);
-        }
+        ASSERT_TRUE(CrashImageFile(crashed).write(image.data(), image.size()));
         // The last call that returned before the kill, and the one in flight.
         std::size_t done = 0;
         while (done + 1 < rec.states.size() && rec.states[done + 1].first <= cut) ++done;
@@ -326,11 +486,7 @@ TEST(FsCrash, KilledDaemonLosesNothingAcknowledged) {
                           << got.size() << " names, expected " << rec.states[done].second.size()
                           << ")";
         }
-        FsckOptions fo;
-        fo.boot_id = kWorkloadBoot;
-        auto report = fsck(crashed, fo);
-        ASSERT_TRUE(report) << report.status().to_string();
-        ASSERT_TRUE(report->problems.empty()) << "cut " << cut << ": " << report->problems[0];
+        ASSERT_EQ(fsck_problem(crashed, kWorkloadBoot), "") << "cut " << cut;
         ++points;
       }
     }
@@ -343,41 +499,10 @@ uint64_t crash_points(PersistMode mode, CrashModel model, int phases, uint64_t s
                       uint64_t seeds, uint64_t seed) {
   TempPath path("fscrash-src.img");
   TempPath crashed("fscrash-dst.img");
-  MkfsOptions mk;
-  mk.size = 20 << 20;
-  mk.force_persistent = true;
-  mk.lanes = 64;
-  EXPECT_TRUE(Volume::mkfs(path, mk));
+  make_volume(path);
   Recording rec = record(path, mode, phases, seed);
-  CrashReplay replay(*rec.recorder, model);
-  uint64_t points = 0;
-  std::vector<std::byte> image(rec.recorder->region_size());
-  int fd = ::open(crashed.str().c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  if (fd < 0) return 0;
-  struct Closer {
-    int fd;
-    ~Closer() { ::close(fd); }
-  } closer{fd};
-  for (std::size_t cut = 0; cut <= rec.recorder->events(); cut += stride) {
-    replay.advance_to(cut);
-    for (uint64_t k = 0; k < seeds; ++k) {
-      uint64_t s = seed * 7919 + cut * 13 + k;
-      replay.image_into(s, image.data());
-      // Rewritten in place: truncating and refilling a 20 MiB file per point costs more.
-      if (::pwrite(fd, image.data(), image.size(), 0) != ssize_t(image.size())) {
-        ADD_FAILURE() << "cannot write the crash image";
-        return points;
-      }
-      std::string failure = verify(crashed, rec, cut);
-      ++points;
-      if (!failure.empty()) {
-        ADD_FAILURE() << to_string(model) << " crash at cut " << cut << " of "
-                      << rec.recorder->events() << " (seed " << s << "): " << failure;
-        return points;
-      }
-    }
-  }
-  return points;
+  return crash_at_points(*rec.recorder, model, stride, seeds, seed, crashed,
+                         [&](std::size_t cut) { return verify(crashed, rec, cut); });
 }
 
 TEST(FsCrash, DirectModel) {
@@ -454,9 +579,11 @@ XattrRecording record_xattr_workload(const std::string& path, PersistMode mode, 
     next.synced = SIZE_MAX;
     std::string& d = next.data;
     uint64_t ino = inos[n];
-    uint64_t off = rng.below(24 * bs) + (rng.below(2) == 0 ? 0 : rng.below(bs));
-    uint64_t len = 1 + rng.below(6 * bs);
-    switch (rng.below(9)) {
+    // Now and then far out, so that cutting the file back frees more blocks than one step may.
+    uint64_t off = rng.below((rng.below(6) == 0 ? 160 : 24) * bs) +
+                   (rng.below(2) == 0 ? 0 : rng.below(bs));
+    uint64_t len = 1 + rng.below((rng.below(8) == 0 ? 100 : 6) * bs);
+    switch (rng.below(10)) {
       case 0:
       case 1: {  // a write
         std::string data = content(seed * 1000 + c, len);
@@ -504,6 +631,13 @@ XattrRecording record_xattr_workload(const std::string& path, PersistMode mode, 
             v->fallocate(ino, FALLOC_FL_ZERO_RANGE | (keep ? FALLOC_FL_KEEP_SIZE : 0), off, len));
         if (!keep && d.size() < off + len) d.resize(off + len, '\0');
         if (off < d.size()) std::fill_n(d.begin() + off, std::min(len, d.size() - off), '\0');
+        break;
+      }
+      case 9: {  // truncate, mostly down
+        SetAttr c;
+        c.size = rng.below(2) == 0 ? rng.below(d.size() + 1) : rng.below(3 * bs);
+        EXPECT_TRUE(v->setattr(ino, c));
+        d.resize(*c.size, '\0');
         break;
       }
     }
@@ -582,52 +716,18 @@ std::string verify_xattr_workload(const std::string& crashed, const XattrRecordi
       }
     }
   }
-  FsckOptions fo;
-  fo.boot_id = killed ? kWorkloadBoot : kRebootedBoot;
-  auto report = fsck(crashed, fo);
-  if (!report) return "fsck failed: " + report.status().to_string();
-  if (!report->problems.empty()) return "fsck: " + report->problems.front();
-  return "";
+  return fsck_problem(crashed, killed ? kWorkloadBoot : kRebootedBoot);
 }
 
 uint64_t xattr_crash_points(PersistMode mode, CrashModel model, uint64_t seed) {
   TempPath path("fsxattr-src.img");
   TempPath crashed("fsxattr-dst.img");
-  MkfsOptions mk;
-  mk.size = 20 << 20;
-  mk.force_persistent = true;
-  mk.lanes = 64;
-  EXPECT_TRUE(Volume::mkfs(path, mk));
+  make_volume(path);
   XattrRecording rec = record_xattr_workload(path, mode, 60, seed);
-  CrashReplay replay(*rec.recorder, model);
-  std::vector<std::byte> image(rec.recorder->region_size());
-  int fd = ::open(crashed.str().c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  if (fd < 0) return 0;
-  struct Closer {
-    int fd;
-    ~Closer() { ::close(fd); }
-  } closer{fd};
-  const std::size_t total = rec.recorder->events();
-  const std::size_t stride = std::max<std::size_t>(1, total / 400);
-  uint64_t points = 0;
-  for (std::size_t cut = 0; cut <= total + stride - 1; cut += stride) {
-    std::size_t at = std::min(cut, total);  // the end, too: everything synced
-    replay.advance_to(at);
-    uint64_t s = seed * 7919 + at * 13;
-    replay.image_into(s, image.data());
-    if (::pwrite(fd, image.data(), image.size(), 0) != ssize_t(image.size())) {
-      ADD_FAILURE() << "cannot write the crash image";
-      return points;
-    }
-    std::string failure = verify_xattr_workload(crashed, rec, at);
-    ++points;
-    if (!failure.empty()) {
-      ADD_FAILURE() << to_string(model) << " crash at cut " << at << " of " << total << " (seed "
-                    << s << "): " << failure;
-      return points;
-    }
-  }
-  return points;
+  const std::size_t stride = std::max<std::size_t>(1, rec.recorder->events() / 400);
+  return crash_at_points(*rec.recorder, model, stride, 1, seed, crashed, [&](std::size_t cut) {
+    return verify_xattr_workload(crashed, rec, cut);
+  });
 }
 
 TEST(FsCrash, XattrsFallocateAndHolesKilledDaemon) {
@@ -636,20 +736,13 @@ TEST(FsCrash, XattrsFallocateAndHolesKilledDaemon) {
     for (uint64_t run = 0; run < scale(); ++run) {
       TempPath path("fsxkill-src.img");
       TempPath crashed("fsxkill-dst.img");
-      MkfsOptions mk;
-      mk.size = 20 << 20;
-      mk.force_persistent = true;
-      mk.lanes = 64;
-      ASSERT_TRUE(Volume::mkfs(path, mk));
+      make_volume(path);
       XattrRecording rec = record_xattr_workload(path, mode, 60, 41 + run, true);
       const std::size_t total = rec.recorder->events();
       const std::size_t stride = std::max<std::size_t>(1, total / 150);
       for (std::size_t cut = 0; cut <= total; cut += stride) {
         auto image = rec.recorder->prefix_image(cut);
-        int fd = ::open(crashed.str().c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-        ASSERT_GE(fd, 0);
-        ASSERT_EQ(::pwrite(fd, image.data(), image.size(), 0), ssize_t(image.size()));
-        ::close(fd);
+        ASSERT_TRUE(CrashImageFile(crashed).write(image.data(), image.size()));
         std::string failure = verify_xattr_workload(crashed, rec, cut, true);
         ASSERT_EQ(failure, "") << to_string(mode) << " kill at event " << cut << " of " << total;
         ++points;

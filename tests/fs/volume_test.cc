@@ -234,6 +234,80 @@ TEST_P(VolumeTest, TruncateDownZeroesTheTail) {
   for (int i = 5000; i < 9000; ++i) ASSERT_EQ(back[i], 0) << i;
 }
 
+TEST_P(VolumeTest, ShortSymlinksOwnNoBlocks) {
+  // An inline target sits where block pointers would: "A\n" reads as block 0x0a41, "A\x01" as
+  // 0x141 and so on. Removing such links must not free those blocks from their owner.
+  uint64_t f = create(kRootIno, "owner");
+  std::string data(4 << 20, 'o');
+  ASSERT_TRUE(v_->write(f, 0, data.data(), data.size()));
+  for (int hi = 1; hi < 256; ++hi) {
+    std::string target{'A', char(hi)};
+    ASSERT_TRUE(v_->symlink(kRootIno, nm('l', hi), target, 0, 0));
+  }
+  auto free_before = v_->statfs().f_bfree;
+  for (int hi = 1; hi < 256; ++hi) ASSERT_TRUE(v_->unlink(kRootIno, nm('l', hi)));
+  ASSERT_TRUE(v_->sync_wait());
+  EXPECT_EQ(v_->statfs().f_bfree, free_before);
+  // New files would land on the owner's blocks had they been freed.
+  uint64_t g = create(kRootIno, "newcomer");
+  std::string other(4 << 20, 'n');
+  ASSERT_TRUE(v_->write(g, 0, other.data(), other.size()));
+  EXPECT_EQ(read_all(f), data);
+  expect_fsck_clean();
+}
+
+TEST_P(VolumeTest, LinkingAnUnlinkedOpenFileKeepsIt) {
+  // O_TMPFILE then linkat: the file leaves the orphan chain, or the next mount frees it.
+  uint64_t f = create(kRootIno, "tmp");
+  ASSERT_TRUE(v_->write(f, 0, "kept", 4));
+  v_->hold(f, 1);
+  ASSERT_TRUE(v_->unlink(kRootIno, "tmp"));
+  uint64_t g = create(kRootIno, "other");
+  v_->hold(g, 1);
+  ASSERT_TRUE(v_->unlink(kRootIno, "other"));  // f is second on the chain now
+  ASSERT_TRUE(v_->link(f, kRootIno, "linked"));
+  v_->forget(f, 1);
+  ASSERT_TRUE(v_->sync_wait());
+  mount();  // g is still on the chain: the mount frees it, and only it
+  auto a = v_->lookup(kRootIno, "linked");
+  ASSERT_TRUE(a) << a.status().to_string();
+  EXPECT_EQ(read_all(a->ino), "kept");
+  EXPECT_EQ(v_->getattr(g).status().error(), ENOENT);
+  expect_fsck_clean();
+  EXPECT_EQ(read_all(v_->lookup(kRootIno, "linked")->ino), "kept");
+}
+
+TEST_P(VolumeTest, LargeFilesAreFreedInPieces) {
+  // Freeing many blocks takes several transactions; the space all comes back, and the file on
+  // the orphan chain meanwhile leaves it.
+  auto empty = v_->statfs().f_bfree;
+  uint64_t root_blocks = blocks(kRootIno);
+  std::string data(24 << 20, 'L');
+  uint64_t f = create(kRootIno, "big");
+  ASSERT_TRUE(v_->write(f, 0, data.data(), data.size()));
+  uint64_t g = create(kRootIno, "cut");
+  ASSERT_TRUE(v_->write(g, 0, data.data(), 8 << 20));
+  SetAttr c;
+  c.size = 1000 * 1000 + 7;
+  ASSERT_TRUE(v_->setattr(g, c));
+  EXPECT_EQ(v_->getattr(g)->size, c.size);
+  std::string cut = read_all(g);
+  EXPECT_EQ(cut, data.substr(0, *c.size));
+  ASSERT_TRUE(v_->unlink(kRootIno, "big"));
+  ASSERT_TRUE(v_->sync_wait());
+  const uint64_t bs = v_->block_size();
+  uint64_t g_blocks = blocks(g);
+  EXPECT_GE(g_blocks, (*c.size + bs - 1) / bs);
+  EXPECT_LE(g_blocks, (*c.size + bs - 1) / bs + 4) << "data blocks and a few pointer blocks";
+  EXPECT_EQ(v_->statfs().f_bfree, empty - g_blocks - (blocks(kRootIno) - root_blocks));
+  expect_fsck_clean();
+  c.size = 3 << 20;  // grows again: zeros after the cut
+  ASSERT_TRUE(v_->setattr(g, c));
+  std::string grown = read_all(g);
+  EXPECT_EQ(grown.substr(0, cut.size()), cut);
+  EXPECT_EQ(grown.find_first_not_of('\0', cut.size()), std::string::npos);
+}
+
 TEST_P(VolumeTest, ManyEntriesAndStableReaddirOffsets) {
   for (int i = 0; i < 2000; ++i) create(kRootIno, nm('f', i));
   // Read half, remove and add entries, then continue: no entry that stayed is lost or repeated.
@@ -1012,6 +1086,45 @@ TEST(VolumeSmallBlocks, XattrsFallocateAndSeek) {
   v.reset();
   auto report = fsck(path, FsckOptions{});
   ASSERT_TRUE(report);
+  EXPECT_TRUE(report->problems.empty()) << report->problems.front();
+}
+
+// A transaction must fit the journal. With 512-byte blocks the journal of a 1 GiB image is
+// capped at 16384 blocks, and a 600 MiB write changes more pointer blocks than that: the write
+// commits part way, in pieces, rather than overrunning the journal into the bitmaps.
+TEST(VolumeSmallBlocks, WriteLargerThanTheJournalCommitsInPieces) {
+  TempPath path("journal512.img");
+  MkfsOptions o;
+  o.size = 1ull << 30;
+  o.force_persistent = true;
+  o.sector_size = 512;
+  ASSERT_TRUE(Volume::mkfs(path, o));
+  MountOptions m;
+  m.force_persistent = true;
+  m.commit_interval_ms = 3600 * 1000;  // only what the call itself needs commits
+  std::vector<uint64_t> data((600 << 20) / 8);
+  for (std::size_t i = 0; i < data.size(); i += 64) data[i] = i;  // every block differs
+  const std::size_t bytes = data.size() * 8;
+  {
+    auto v = std::move(Volume::mount(path, m).value());
+    auto f = v->mknod(kRootIno, "big", S_IFREG | 0644, 0, 0, 0);
+    ASSERT_TRUE(f);
+    auto wrote = v->write(f->ino, 0, data.data(), bytes);
+    ASSERT_TRUE(wrote) << wrote.status().to_string();
+    EXPECT_EQ(*wrote, bytes);
+    ASSERT_TRUE(v->sync_wait());
+  }
+  auto v = std::move(Volume::mount(path, m).value());
+  auto a = v->lookup(kRootIno, "big");
+  ASSERT_TRUE(a);
+  ASSERT_EQ(a->size, bytes);
+  std::vector<uint64_t> back(data.size());
+  ASSERT_EQ(*v->read(a->ino, 0, back.data(), bytes), bytes);
+  EXPECT_TRUE(back == data);
+  ASSERT_TRUE(v->unlink(kRootIno, "big"));
+  v.reset();
+  auto report = fsck(path, FsckOptions{});
+  ASSERT_TRUE(report) << report.status().to_string();
   EXPECT_TRUE(report->problems.empty()) << report->problems.front();
 }
 
