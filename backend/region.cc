@@ -103,6 +103,9 @@ std::optional<PersistMode> parse_persist_mode(std::string_view name) {
 
 Result<std::unique_ptr<Region>> Region::open(const std::string& path,
                                              const RegionOptions& options) {
+  if (options.unlocked && !options.read_only) {
+    return Status(EINVAL, "only a read-only region can be opened without a lock");
+  }
   int flags = O_CLOEXEC | (options.read_only ? O_RDONLY : O_RDWR);
   if (options.create_size != 0 && !options.read_only) flags |= O_CREAT;
   Fd fd(::open(path.c_str(), flags, 0644));
@@ -111,7 +114,8 @@ Result<std::unique_ptr<Region>> Region::open(const std::string& path,
     return errno_status("cannot open image " + path);
   }
   // One writer or any number of readers: a second vpmfs on the same image would corrupt it.
-  if (::flock(fd.get(), (options.read_only ? LOCK_SH : LOCK_EX) | LOCK_NB) != 0) {
+  if (!options.unlocked &&
+      ::flock(fd.get(), (options.read_only ? LOCK_SH : LOCK_EX) | LOCK_NB) != 0) {
     if (errno == EWOULDBLOCK) {
       return Status(EBUSY, "image in use: " + path +
                                " is held by another process (a mounted vpmfs or a vpmfs tool)");

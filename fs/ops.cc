@@ -17,12 +17,6 @@ using namespace fsfmt;
 
 namespace {
 
-Timestamp now() {
-  timespec t;
-  clock_gettime(CLOCK_REALTIME, &t);
-  return Timestamp{t.tv_sec, uint32_t(t.tv_nsec)};
-}
-
 Status name_ok(std::string_view name) {
   if (name.empty() || name == "." || name == "..") return Status(EINVAL, "invalid name");
   if (name.size() > 255) return Status(ENAMETOOLONG, "name longer than 255 bytes");
@@ -33,10 +27,6 @@ Status name_ok(std::string_view name) {
 }
 
 constexpr uint64_t kMaxFileSize = 16ull << 40;  // 16 TiB
-
-uint64_t ceil_div(uint64_t a, uint64_t b) {
-  return (a + b - 1) / b;
-}
 
 }  // namespace
 
@@ -520,6 +510,9 @@ Result<Attr> VolumeImpl::setattr(uint64_t ino, const SetAttr& c) {
     if (*c.size > kMaxFileSize) return Status(EFBIG, "file too large");
     if (*c.size < inode->size) {
       uint64_t keep = (*c.size + bs_ - 1) / bs_;
+      if (node(ino).mappings != 0) {
+        return Status(EBUSY, "part of the file is mapped for DAX; unmap it first");
+      }
       // Many blocks to free: after the new size is stored, a piece per step, the file on the
       // orphan chain meanwhile so that the next mount finishes a cut a crash interrupted.
       large_cut = inode->blocks > small_file_blocks();
@@ -1037,7 +1030,15 @@ Status VolumeImpl::fallocate(uint64_t ino, int mode, uint64_t offset, uint64_t l
       ceil_div(offset + length, bs_) > map_capacity()) {
     return Status(EFBIG, "file too large");
   }
-  if (mode & kPunch) return fallocate_punch(ino, offset, offset + length);
+  if (mode & kPunch) {
+    {
+      Lock lock(mu_);
+      if (n->mappings != 0) {  // mapped blocks must stay where they are
+        return Status(EBUSY, "part of the file is mapped for DAX; unmap it first");
+      }
+    }
+    return fallocate_punch(ino, offset, offset + length);
+  }
   return fallocate_allocate(ino, offset, offset + length, mode & kZero, mode & kKeep);
 }
 

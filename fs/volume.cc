@@ -17,12 +17,6 @@ using namespace fsfmt;
 
 namespace {
 
-Timestamp now() {
-  timespec t;
-  clock_gettime(CLOCK_REALTIME, &t);
-  return Timestamp{t.tv_sec, uint32_t(t.tv_nsec)};
-}
-
 uint64_t inode_checksum(const Inode& inode, uint64_t ino) {
   Inode copy = inode;
   copy.checksum = 0;
@@ -39,10 +33,6 @@ uint64_t header_checksum(const ImageHeader& h) {
   ImageHeader copy = h;
   copy.checksum = 0;
   return xxhash64(&copy, sizeof copy);
-}
-
-uint64_t ceil_div(uint64_t a, uint64_t b) {
-  return (a + b - 1) / b;
 }
 
 }  // namespace

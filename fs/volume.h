@@ -1,6 +1,8 @@
 // VolumeImpl: the filesystem behind include/vpmfs/fs.h. Internal to fs/.
 #pragma once
 
+#include <time.h>
+
 #include <condition_variable>
 #include <map>
 #include <memory>
@@ -19,6 +21,17 @@
 #include "xattr.h"
 
 namespace vpmfs {
+
+inline uint64_t ceil_div(uint64_t a, uint64_t b) {
+  return (a + b - 1) / b;
+}
+
+// The time stamped on inodes.
+inline fsfmt::Timestamp now() {
+  timespec t;
+  clock_gettime(CLOCK_REALTIME, &t);
+  return fsfmt::Timestamp{t.tv_sec, uint32_t(t.tv_nsec)};
+}
 
 class VolumeImpl final : public Volume {
  public:
@@ -62,8 +75,13 @@ class VolumeImpl final : public Volume {
   void sync(std::function<void(const Status&)> done) override;
   Status sync_wait() override;
   struct statvfs statfs() override;
+  Result<std::unique_ptr<DaxMapping>> map(uint64_t ino, uint64_t offset, uint64_t length,
+                                          bool synchronous) override;
+  Result<Attr> set_xflags(uint64_t ino, uint32_t xflags) override;
+  Health health() override;
 
  private:
+  friend class Mapping;
   using Lock = std::unique_lock<std::mutex>;
 
   // A directory's name index, built on first use so lookups and creates never scan.
@@ -75,6 +93,7 @@ class VolumeImpl final : public Volume {
   struct Node {
     std::shared_mutex io;  // data I/O shared; size changes exclusive
     uint64_t held = 0;     // front-end references (kernel lookups)
+    uint64_t mappings = 0;  // live DaxMappings: its blocks must stay where they are
     std::unique_ptr<DirIndex> dir;
   };
 

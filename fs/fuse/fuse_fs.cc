@@ -4,20 +4,29 @@
 #include <fcntl.h>
 #include <fuse_lowlevel.h>
 #include <linux/fs.h>
+#include <sys/uio.h>
 #include <syslog.h>
 #include <unistd.h>
 
 #include <atomic>
 #include <cstdio>
 #include <cstring>
+#include <map>
 #include <memory>
+#include <mutex>
 #include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "vpmfs/dax.h"
 
 namespace vpmfs {
 
 namespace {
 
 std::atomic<bool> g_stderr{true};
+// The kernel agreed to map direct-I/O (DAX) files shared (fuse_dev_writev).
+std::atomic<bool> g_allow_mmap{false};
 
 // What every request handler reaches through fuse_req_userdata().
 struct Daemon {
@@ -27,6 +36,17 @@ struct Daemon {
   // parent directory has a default ACL.
   bool dont_mask = false;
 };
+
+// What an open file carries: the DAX mappings made through it (VPMFS_IOC_DAX_MAP), released
+// when it is closed.
+struct OpenFile {
+  std::mutex mu;
+  std::map<std::pair<uint64_t, uint64_t>, std::unique_ptr<DaxMapping>> mappings;
+};
+
+OpenFile* open_file(fuse_file_info* fi) {
+  return reinterpret_cast<OpenFile*>(fi->fh);
+}
 
 Daemon& daemon_of(fuse_req_t req) {
   return *static_cast<Daemon*>(fuse_req_userdata(req));
@@ -85,6 +105,8 @@ void op_init(void* userdata, fuse_conn_info* conn) {
   if (conn->capable & FUSE_CAP_PARALLEL_DIROPS) conn->want |= FUSE_CAP_PARALLEL_DIROPS;
   if (conn->capable & FUSE_CAP_ASYNC_READ) conn->want |= FUSE_CAP_ASYNC_READ;
   if (conn->capable & FUSE_CAP_CACHE_SYMLINKS) conn->want |= FUSE_CAP_CACHE_SYMLINKS;
+  // FS_IOC_FSGETXATTR and FS_IOC_FSSETXATTR on directories too (the DAX flag they pass on).
+  if (conn->capable & FUSE_CAP_IOCTL_DIR) conn->want |= FUSE_CAP_IOCTL_DIR;
   // Directory listings come from readdir; attributes are looked up by name as needed.
   conn->want &= ~unsigned(FUSE_CAP_READDIRPLUS);
   // The kernel clears setuid/setgid on write, truncate and chown itself.
@@ -191,6 +213,26 @@ void op_rename(fuse_req_t req, fuse_ino_t parent, const char* name, fuse_ino_t n
   reply_status(req, vol(req).rename(parent, name, new_parent, new_name, flags));
 }
 
+// DAX files (dax=always, or dax=inode and FS_XFLAG_DAX) are served without the kernel's page
+// cache: direct-I/O opens, so every read and write reaches the image at once.
+bool is_dax(const Daemon& d, const Attr& attr) {
+  switch (d.options.dax) {
+    case DaxPolicy::always:
+      return true;
+    case DaxPolicy::never:
+      return false;
+    case DaxPolicy::inode:
+      return attr.flags & FS_XFLAG_DAX;
+  }
+  return false;
+}
+
+void setup_open(fuse_req_t req, const Attr& attr, fuse_file_info* fi) {
+  fi->direct_io = is_dax(daemon_of(req), attr) ? 1 : 0;
+  fi->keep_cache = 0;
+  fi->fh = reinterpret_cast<uint64_t>(new OpenFile());
+}
+
 void op_open(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
   auto attr = vol(req).getattr(ino);
   if (!attr) {
@@ -201,7 +243,8 @@ void op_open(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
     fuse_reply_err(req, EISDIR);
     return;
   }
-  fuse_reply_open(req, fi);
+  setup_open(req, *attr, fi);
+  if (fuse_reply_open(req, fi) != 0) delete open_file(fi);
 }
 
 void op_create(fuse_req_t req, fuse_ino_t parent, const char* name, mode_t mode,
@@ -213,6 +256,7 @@ void op_create(fuse_req_t req, fuse_ino_t parent, const char* name, mode_t mode,
     fuse_reply_err(req, attr.status().error());
     return;
   }
+  setup_open(req, *attr, fi);
   reply_entry(req, *attr, fi);
 }
 
@@ -242,7 +286,8 @@ void op_flush(fuse_req_t req, fuse_ino_t, fuse_file_info*) {
   fuse_reply_err(req, 0);
 }
 
-void op_release(fuse_req_t req, fuse_ino_t, fuse_file_info*) {
+void op_release(fuse_req_t req, fuse_ino_t, fuse_file_info* fi) {
+  delete open_file(fi);  // unpins what was mapped through it
   fuse_reply_err(req, 0);
 }
 
@@ -275,8 +320,46 @@ void op_readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, fuse_fil
   fuse_reply_buf(req, buf.data(), used);
 }
 
+// The root directory's user.vpmfs.* attributes are the daemon's status, read-only.
+constexpr std::string_view kStatusPrefix = "user.vpmfs.";
+constexpr std::string_view kStatusName = "user.vpmfs.status";
+
+bool is_status_name(fuse_ino_t ino, std::string_view name) {
+  return ino == FUSE_ROOT_ID && name.substr(0, kStatusPrefix.size()) == kStatusPrefix;
+}
+
+// The persistence status as `vpmfs-ctl status` shows it (README, "vpmfs-ctl").
+std::string status_json(Daemon& d) {
+  Region& r = d.volume.region();
+  FlushChannel::Stats f = r.flush_channel().stats();
+  Volume::Health h = d.volume.health();
+  nlohmann::json j;
+  j["mode"] = to_string(r.mode());
+  j["mode_reason"] = r.mode_reason();
+  j["sync_dax"] = d.options.sync_dax_auto || !d.options.volume.mode
+                      ? std::string("auto")
+                      : std::string(to_string(*d.options.volume.mode));
+  j["dax"] = to_string(d.options.dax);
+  j["read_only"] = h.read_only;
+  j["failed"] = f.failed || !h.error.empty();
+  j["last_error"] = !h.error.empty() ? h.error : f.last_error_message;
+  j["image"] = d.options.image;
+  j["block_size"] = d.volume.block_size();
+  j["map_sync"] = r.map_sync();
+  j["dax_shared_mmap"] = g_allow_mmap.load();  // FUSE_DIRECT_IO_ALLOW_MMAP was agreed
+  j["flush"] = {{"requests", f.requests},
+                {"device_flushes", f.device_flushes},
+                {"requests_per_flush", f.requests_per_flush()},
+                {"failed_flushes", f.failed_flushes}};
+  return j.dump();
+}
+
 void op_setxattr(fuse_req_t req, fuse_ino_t ino, const char* name, const char* value, size_t size,
                  int flags) {
+  if (is_status_name(ino, name)) {
+    fuse_reply_err(req, EPERM);
+    return;
+  }
   reply_status(req, vol(req).setxattr(ino, name, value, size, flags));
 }
 
@@ -295,6 +378,20 @@ void reply_sized(fuse_req_t req, size_t size, Fill fill) {
 }
 
 void op_getxattr(fuse_req_t req, fuse_ino_t ino, const char* name, size_t size) {
+  if (is_status_name(ino, name)) {
+    if (name != kStatusName) {
+      fuse_reply_err(req, ENODATA);
+      return;
+    }
+    std::string status = status_json(daemon_of(req));
+    reply_sized(req, size, [&](char* buf, size_t n) -> Result<std::size_t> {
+      if (buf == nullptr) return status.size();
+      if (n < status.size()) return Status(ERANGE, "buffer too small");
+      std::memcpy(buf, status.data(), status.size());
+      return status.size();
+    });
+    return;
+  }
   reply_sized(req, size, [&](char* buf, size_t n) { return vol(req).getxattr(ino, name, buf, n); });
 }
 
@@ -303,7 +400,130 @@ void op_listxattr(fuse_req_t req, fuse_ino_t ino, size_t size) {
 }
 
 void op_removexattr(fuse_req_t req, fuse_ino_t ino, const char* name) {
+  if (is_status_name(ino, name)) {
+    fuse_reply_err(req, EPERM);
+    return;
+  }
   reply_status(req, vol(req).removexattr(ino, name));
+}
+
+// --- ioctls: the DAX flag (FS_IOC_FSGETXATTR and friends) and DAX mappings -------------------
+
+// A successful ioctl still owes the kernel its fuse_ioctl_out, or it sees EIO.
+void reply_ioctl_status(fuse_req_t req, const Status& s) {
+  if (s) {
+    fuse_reply_ioctl(req, 0, nullptr, 0);
+  } else {
+    fuse_reply_err(req, s.error());
+  }
+}
+
+void reply_ioctl_value(fuse_req_t req, const void* value, size_t size, size_t out_size) {
+  if (out_size < size) {
+    fuse_reply_err(req, EINVAL);
+    return;
+  }
+  fuse_reply_ioctl(req, 0, value, size);
+}
+
+void ioctl_dax_map(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi, const void* in_buf,
+                   size_t in_size, size_t out_size) {
+  OpenFile* of = open_file(fi);
+  if (of == nullptr) {
+    fuse_reply_err(req, EBADF);
+    return;
+  }
+  if (in_size < sizeof(DaxMapRequest) || out_size < sizeof(DaxMapRequest)) {
+    fuse_reply_err(req, EINVAL);
+    return;
+  }
+  Daemon& d = daemon_of(req);
+  auto r = std::make_unique<DaxMapRequest>();
+  std::memcpy(r.get(), in_buf, sizeof *r);
+  // Pieces of the image are mapped by the client a page at a time at least.
+  if (d.volume.block_size() % 4096 != 0 || r->offset % 4096 != 0 || r->length % 4096 != 0) {
+    fuse_reply_err(req, EINVAL);
+    return;
+  }
+  std::lock_guard lock(of->mu);
+  auto& slot = of->mappings[{r->offset, r->length}];
+  if (!slot) {
+    auto m = d.volume.map(ino, r->offset, r->length, r->flags & kDaxMapSync);
+    if (!m) {
+      of->mappings.erase({r->offset, r->length});
+      log_message(LOG_INFO, "DAX mapping refused: " + m.status().to_string());
+      fuse_reply_err(req, m.status().error());
+      return;
+    }
+    slot = std::move(m.value());
+  }
+  const auto& extents = slot->extents();
+  r->total = uint32_t(extents.size());
+  r->count = 0;
+  for (uint32_t i = r->first; i < extents.size() && r->count < kDaxMaxExtents; ++i) {
+    r->extent[r->count++] = {extents[i].file_offset, extents[i].image_offset, extents[i].length};
+  }
+  std::snprintf(r->image, sizeof r->image, "%s", d.volume.region().path().c_str());
+  fuse_reply_ioctl(req, 0, r.get(), sizeof *r);
+}
+
+void ioctl_dax_unmap(fuse_req_t req, fuse_file_info* fi, const void* in_buf, size_t in_size) {
+  OpenFile* of = open_file(fi);
+  if (of == nullptr || in_size < sizeof(DaxUnmapRequest)) {
+    fuse_reply_err(req, EINVAL);
+    return;
+  }
+  DaxUnmapRequest r;
+  std::memcpy(&r, in_buf, sizeof r);
+  std::lock_guard lock(of->mu);
+  bool found = of->mappings.erase({r.offset, r.length}) != 0;
+  reply_ioctl_status(req, found ? Status() : Status(EINVAL, "no such mapping"));
+}
+
+void op_ioctl(fuse_req_t req, fuse_ino_t ino, unsigned int cmd, void*, fuse_file_info* fi,
+              unsigned flags, const void* in_buf, size_t in_size, size_t out_size) {
+  if (flags & FUSE_IOCTL_COMPAT) {
+    fuse_reply_err(req, ENOSYS);
+    return;
+  }
+  Volume& v = vol(req);
+  switch (cmd) {
+    case FS_IOC_FSGETXATTR: {
+      auto attr = v.getattr(ino);
+      if (!attr) return reply_status(req, attr.status());
+      struct fsxattr fa {};
+      fa.fsx_xflags = attr->flags;
+      return reply_ioctl_value(req, &fa, sizeof fa, out_size);
+    }
+    case FS_IOC_FSSETXATTR: {
+      struct fsxattr fa {};
+      if (in_size < sizeof fa) return reply_status(req, Status(EINVAL, "short fsxattr"));
+      std::memcpy(&fa, in_buf, sizeof fa);
+      if (fa.fsx_extsize != 0 || fa.fsx_projid != 0 || fa.fsx_cowextsize != 0) {
+        return reply_status(req, Status(EOPNOTSUPP, "only FS_XFLAG_DAX"));
+      }
+      return reply_ioctl_status(req, v.set_xflags(ino, fa.fsx_xflags).status());
+    }
+    case FS_IOC_GETFLAGS: {
+      auto attr = v.getattr(ino);
+      if (!attr) return reply_status(req, attr.status());
+      unsigned int fl = (attr->flags & FS_XFLAG_DAX) ? FS_DAX_FL : 0;
+      return reply_ioctl_value(req, &fl, sizeof fl, out_size);
+    }
+    case FS_IOC_SETFLAGS: {
+      unsigned int fl = 0;
+      if (in_size < sizeof fl) return reply_status(req, Status(EINVAL, "short flags"));
+      std::memcpy(&fl, in_buf, sizeof fl);
+      if (fl & ~unsigned(FS_DAX_FL)) return reply_status(req, Status(EOPNOTSUPP, "only FS_DAX_FL"));
+      return reply_ioctl_status(req, v.set_xflags(ino, (fl & FS_DAX_FL) ? FS_XFLAG_DAX : 0).status());
+    }
+    case VPMFS_IOC_DAX_MAP:
+      return ioctl_dax_map(req, ino, fi, in_buf, in_size, out_size);
+    case VPMFS_IOC_DAX_UNMAP:
+      return ioctl_dax_unmap(req, fi, in_buf, in_size);
+    default:
+      fuse_reply_err(req, ENOTTY);
+  }
 }
 
 void op_fallocate(fuse_req_t req, fuse_ino_t ino, int mode, off_t offset, off_t length,
@@ -366,8 +586,62 @@ const fuse_lowlevel_ops kOps = [] {
   ops.removexattr = op_removexattr;
   ops.fallocate = op_fallocate;
   ops.lseek = op_lseek;
+  ops.ioctl = op_ioctl;
   return ops;
 }();
+
+// --- shared mmap of direct-I/O (DAX) files ---------------------------------------------------
+// The kernel (6.6 on) lets a direct-I/O file be mapped shared only when the server asks for
+// FUSE_DIRECT_IO_ALLOW_MMAP at FUSE_INIT; libfuse 3.14 (Debian 12) cannot ask for it. So vpmfs
+// reads and writes /dev/fuse through libfuse's custom-I/O hooks and adds the flag to its INIT
+// reply when the kernel offered it. Without it, mmap(MAP_SHARED) of a DAX file gives ENODEV.
+constexpr uint32_t kOpInit = 26;                // FUSE_INIT
+constexpr uint32_t kInitExt = 1u << 30;         // FUSE_INIT_EXT: flags2 is valid
+constexpr uint32_t kAllowMmap2 = 1u << (36 - 32);  // FUSE_DIRECT_IO_ALLOW_MMAP, in flags2
+std::atomic<uint64_t> g_init_unique{0};          // the INIT request, once its reply may be patched
+
+ssize_t fuse_dev_read(int fd, void* buf, size_t len, void*) {
+  ssize_t n = ::read(fd, buf, len);
+  // fuse_in_header (len, opcode, unique, ...) then fuse_init_in (major, minor, max_readahead,
+  // flags, flags2, ...).
+  if (n >= 40 + 20) {
+    const auto* p = static_cast<const std::byte*>(buf);
+    uint32_t opcode, flags, flags2;
+    std::memcpy(&opcode, p + 4, 4);
+    std::memcpy(&flags, p + 40 + 12, 4);
+    std::memcpy(&flags2, p + 40 + 16, 4);
+    if (opcode == kOpInit && (flags & kInitExt) && (flags2 & kAllowMmap2)) {
+      uint64_t unique;
+      std::memcpy(&unique, p + 8, 8);
+      g_init_unique = unique;
+    }
+  }
+  return n;
+}
+
+ssize_t fuse_dev_writev(int fd, iovec* iov, int count, void*) {
+  // fuse_out_header (len, error, unique), then fuse_init_out: flags at 12, flags2 at 32.
+  uint64_t init = g_init_unique.load();
+  if (init != 0 && count >= 2 && iov[0].iov_len >= 16 && iov[1].iov_len >= 36) {
+    uint64_t unique;
+    int32_t error;
+    std::memcpy(&error, static_cast<std::byte*>(iov[0].iov_base) + 4, 4);
+    std::memcpy(&unique, static_cast<std::byte*>(iov[0].iov_base) + 8, 8);
+    if (unique == init && error == 0) {
+      auto* out = static_cast<std::byte*>(iov[1].iov_base);
+      uint32_t flags, flags2;
+      std::memcpy(&flags, out + 12, 4);
+      std::memcpy(&flags2, out + 32, 4);
+      flags |= kInitExt;
+      flags2 |= kAllowMmap2;
+      std::memcpy(out + 12, &flags, 4);
+      std::memcpy(out + 32, &flags2, 4);
+      g_init_unique = 0;
+      g_allow_mmap = true;
+    }
+  }
+  return ::writev(fd, iov, count);
+}
 
 // libfuse's own messages go where vpmfs's go.
 void fuse_log_sink(enum fuse_log_level level, const char* fmt, va_list ap) {
@@ -409,6 +683,12 @@ Status serve(Volume& volume, const DaemonOptions& options, const std::function<v
     fuse_remove_signal_handlers(se);
     return Status(EIO, "cannot mount on " + options.mountpoint +
                            " (is it an existing directory, and is /dev/fuse available?)");
+  }
+  fuse_custom_io io{};
+  io.read = fuse_dev_read;
+  io.writev = fuse_dev_writev;
+  if (fuse_session_custom_io(se, &io, fuse_session_fd(se)) != 0) {
+    log_message(LOG_WARNING, "cannot hook /dev/fuse: shared mmap of DAX files is unavailable");
   }
   mounted();
 

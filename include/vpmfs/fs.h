@@ -81,6 +81,31 @@ struct SetAttr {
   std::optional<timespec> mtime;
 };
 
+// Part of a file mapped for direct loads and stores (Volume::map): file bytes
+// [file_offset, file_offset + length) live at image_offset in the image, which this process
+// sees at address.
+struct DaxExtent {
+  uint64_t file_offset = 0;
+  uint64_t image_offset = 0;
+  uint64_t length = 0;
+  std::byte* address = nullptr;
+};
+
+// A mapped file range. Its blocks stay where they are (pinned in the BTT: writes through the
+// volume land in place) until the mapping is destroyed.
+class DaxMapping {
+ public:
+  virtual ~DaxMapping() = default;
+  virtual const std::vector<DaxExtent>& extents() const = 0;
+  // Made with the synchronous flag (MAP_SYNC): no msync is needed, a cache flush of a store
+  // (persist_range) makes it durable.
+  virtual bool synchronous() const = 0;
+  // msync: stores made through the extents so far become durable, with the file's metadata;
+  // done runs on the flush channel's thread.
+  virtual void sync(std::function<void(const Status&)> done) = 0;
+  Status sync_wait();
+};
+
 struct DirEntry {
   std::string name;
   uint64_t ino;
@@ -156,6 +181,28 @@ class Volume {
   virtual void sync(std::function<void(const Status&)> done) = 0;
   virtual Status sync_wait() = 0;
   virtual struct statvfs statfs() = 0;
+
+  // Maps [offset, offset + length) of a regular file for direct loads and stores, as mmap of a
+  // DAX file does: holes get zeroed blocks (the size stays), and the blocks are pinned until
+  // the mapping goes. Offset and length are multiples of the block size and lie within the
+  // file's size rounded up to a block (else EINVAL). While any part of a file is mapped,
+  // cutting or punching it gives EBUSY; an unlinked file lives until its mappings go.
+  //
+  // synchronous is MAP_SYNC: the blocks and the metadata naming them are durable before this
+  // returns, so a store made durable by a cache flush is durable for good. Only a direct region
+  // can promise that: on writeback and unsafe regions it fails with EOPNOTSUPP. Without it,
+  // any region: DaxMapping::sync is the msync.
+  virtual Result<std::unique_ptr<DaxMapping>> map(uint64_t ino, uint64_t offset, uint64_t length,
+                                                  bool synchronous) = 0;
+  // FS_IOC_FSSETXATTR: the inode's FS_XFLAG_* flags. Only FS_XFLAG_DAX can be set (other bits:
+  // EOPNOTSUPP); new files and directories inherit it from their directory.
+  virtual Result<Attr> set_xflags(uint64_t ino, uint32_t xflags) = 0;
+  // Whether the volume still takes changes, and if not, why.
+  struct Health {
+    bool read_only = false;  // mounted read-only, or turned read-only by an error
+    std::string error;       // the error that turned it read-only; empty if none
+  };
+  virtual Health health() = 0;
 };
 
 }  // namespace vpmfs

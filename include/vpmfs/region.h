@@ -35,6 +35,9 @@ struct RegionOptions {
   // The CPU caches are inside the persistence domain (eADR): persist is a fence only.
   bool eadr = false;
   bool read_only = false;
+  // With read_only: take no lock at all, so that a tool can look at an image a mounted vpmfs
+  // holds (vpmfs-ctl info). What it reads may change under it, and every value must be checked.
+  bool unlocked = false;
   // Non-zero: create the image (sparse) with this size if it does not exist or is empty.
   uint64_t create_size = 0;
 };
