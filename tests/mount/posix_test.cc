@@ -6,9 +6,13 @@
 #include <sys/statvfs.h>
 #include <sys/syscall.h>
 #include <sys/sysmacros.h>
+#include <sys/wait.h>
+#include <linux/falloc.h>
 #include <unistd.h>
 
 #include <cstring>
+#include <thread>
+#include <atomic>
 #include <set>
 #include <string>
 
@@ -267,6 +271,140 @@ TEST_F(Posix, PermissionsForAnOrdinaryUser) {
   waitpid(pid, &status, 0);
   EXPECT_TRUE(WIFEXITED(status));
   EXPECT_EQ(WEXITSTATUS(status), 0) << "step that did not fail as POSIX says";
+}
+
+TEST_F(Posix, FileSizeLimits) {
+  int fd = ::open(p("limits").c_str(), O_RDWR | O_CREAT, 0644);
+  ASSERT_GE(fd, 0);
+  // 16 TiB is the most a file may hold.
+  EXPECT_EQ(err(int(::pwrite(fd, "x", 1, off_t(16ull << 40)))), EFBIG);
+  EXPECT_EQ(err(::ftruncate(fd, off_t((16ull << 40) + 1))), EFBIG);
+  EXPECT_EQ(err(::fallocate(fd, FALLOC_FL_KEEP_SIZE, off_t(16ull << 40), 4096)), EFBIG);
+  // A sparse file of more than a terabyte is fine.
+  EXPECT_EQ(::pwrite(fd, "far", 3, off_t((1ull << 40) + 12345)), 3);
+  char buf[3];
+  EXPECT_EQ(::pread(fd, buf, 3, off_t((1ull << 40) + 12345)), 3);
+  EXPECT_EQ(std::string(buf, 3), "far");
+  struct stat st {};
+  ASSERT_EQ(::fstat(fd, &st), 0);
+  EXPECT_EQ(uint64_t(st.st_size), (1ull << 40) + 12348);
+  EXPECT_LE(st.st_blocks, 64) << "a data block and a few pointer blocks";
+  ASSERT_EQ(::ftruncate(fd, 0), 0);
+  ::close(fd);
+}
+
+TEST_F(Posix, ReaddirUnderConcurrentCreateAndUnlink) {
+  // Entries that stay are listed exactly once however others come and go meanwhile, even when
+  // the listing takes many getdents calls.
+  const std::string dir = p("churn");
+  ASSERT_EQ(::mkdir(dir.c_str(), 0755), 0);
+  for (int i = 0; i < 1500; ++i) spit(dir + "/keep" + std::to_string(i), "");
+  std::atomic<bool> stop{false};
+  std::thread churn([&] {
+    for (int j = 0; !stop; ++j) {
+      std::string name = dir + "/churn" + std::to_string(j % 300);
+      if (j % 600 < 300) {
+        int fd = ::open(name.c_str(), O_CREAT | O_WRONLY, 0644);
+        if (fd >= 0) ::close(fd);
+      } else {
+        ::unlink(name.c_str());
+      }
+    }
+  });
+  for (int round = 0; round < 10; ++round) {
+    int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY);
+    ASSERT_GE(fd, 0);
+    std::multiset<std::string> names;
+    char buf[1024];  // a few dozen entries per call
+    for (;;) {
+      long n = ::syscall(SYS_getdents64, fd, buf, sizeof buf);
+      ASSERT_GE(n, 0) << strerror(errno);
+      if (n == 0) break;
+      for (long at = 0; at < n;) {
+        auto* d = reinterpret_cast<struct dirent64*>(buf + at);
+        names.insert(d->d_name);
+        at += d->d_reclen;
+      }
+    }
+    ::close(fd);
+    for (int i = 0; i < 1500; ++i) {
+      ASSERT_EQ(names.count("keep" + std::to_string(i)), 1u) << "round " << round << ", keep" << i;
+    }
+    for (const auto& n : names) ASSERT_EQ(names.count(n), 1u) << n << " listed twice";
+  }
+  stop = true;
+  churn.join();
+}
+
+TEST_F(Posix, AclsAreEnforcedAndInherited) {
+  spit(p("acl"), "guarded");
+  ASSERT_EQ(::chmod(p("acl").c_str(), 0600), 0);
+  ASSERT_EQ(test::run({"/usr/bin/setfacl", "-m", "u:65534:rw", p("acl")}), 0);
+  auto [rc, out] = test::capture({"/usr/bin/getfacl", "-c", p("acl")}, true);
+  EXPECT_EQ(rc, 0);
+  EXPECT_NE(out.find("user:nobody:rw-"), std::string::npos) << out;
+  EXPECT_NE(out.find("mask::rw-"), std::string::npos) << out;
+  struct stat st {};
+  ASSERT_EQ(::stat(p("acl").c_str(), &st), 0);
+  EXPECT_EQ(st.st_mode & 0777, 0660u) << "the group bits show the ACL mask";
+  // A default ACL on a directory is what new files in it get.
+  ::mkdir(p("acldir").c_str(), 0755);
+  ASSERT_EQ(test::run({"/usr/bin/setfacl", "-d", "-m", "u:65534:rwx", p("acldir")}), 0);
+  // Mode 0660: no access for others; the mask (the group bits) lets the inherited entry work.
+  spit(p("acldir") + "/child", "inherits", O_WRONLY | O_CREAT | O_TRUNC);
+  ASSERT_EQ(::chmod((p("acldir") + "/child").c_str(), 0660), 0);
+  auto [rc2, child] = test::capture({"/usr/bin/getfacl", "-c", p("acldir") + "/child"}, true);
+  EXPECT_EQ(rc2, 0);
+  EXPECT_NE(child.find("user:nobody:rw"), std::string::npos) << child;
+  pid_t pid = fork();
+  if (pid == 0) {
+    if (setgid(65534) != 0 || setuid(65534) != 0) _exit(10);
+    int fd = ::open(p("acl").c_str(), O_RDWR);  // mode 0600 owner root: only the ACL allows it
+    if (fd < 0) _exit(1);
+    ::close(fd);
+    if (::open((p("acldir") + "/child").c_str(), O_WRONLY) < 0) _exit(2);
+    _exit(0);
+  }
+  int status = 0;
+  waitpid(pid, &status, 0);
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << "ACL not honoured, step "
+                                                              << WEXITSTATUS(status);
+  // Taking the entry away takes the access away.
+  ASSERT_EQ(test::run({"/usr/bin/setfacl", "-x", "u:65534", p("acl")}), 0);
+  pid = fork();
+  if (pid == 0) {
+    if (setgid(65534) != 0 || setuid(65534) != 0) _exit(10);
+    _exit(::open(p("acl").c_str(), O_RDWR) < 0 && errno == EACCES ? 0 : 1);
+  }
+  waitpid(pid, &status, 0);
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+}
+
+// A terabyte image, sparse, and a file reaching past its first terabyte.
+TEST(PosixLarge, TerabyteImageAndFile) {
+  Mount m("terabyte", {}, "1T");
+  ASSERT_TRUE(m.mounted());
+  struct statvfs sv {};
+  ASSERT_EQ(::statvfs(m.dir().c_str(), &sv), 0);
+  EXPECT_GT(uint64_t(sv.f_blocks) * sv.f_frsize, 1000ull << 30);
+  int fd = ::open(m.path("huge").c_str(), O_RDWR | O_CREAT, 0644);
+  ASSERT_GE(fd, 0);
+  const off_t end = off_t(1ull << 40);
+  ASSERT_EQ(::pwrite(fd, "last block", 10, end - 4096), 10);
+  ASSERT_EQ(::pwrite(fd, "first", 5, 0), 5);
+  ASSERT_EQ(::fsync(fd), 0);
+  ::close(fd);
+  ASSERT_EQ(m.remount(), 0) << "fsck.vpmfs -n of the terabyte image";
+  fd = ::open(m.path("huge").c_str(), O_RDONLY);
+  ASSERT_GE(fd, 0);
+  char buf[10];
+  ASSERT_EQ(::pread(fd, buf, 10, end - 4096), 10);
+  EXPECT_EQ(std::string(buf, 10), "last block");
+  struct stat st {};
+  ASSERT_EQ(::fstat(fd, &st), 0);
+  EXPECT_EQ(st.st_size, end - 4096 + 10);
+  ::close(fd);
+  ASSERT_EQ(::unlink(m.path("huge").c_str()), 0);
 }
 
 TEST(PosixRemount, DataSurvivesUnmountAndMount) {
