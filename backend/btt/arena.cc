@@ -679,7 +679,6 @@ void Arena::write_flog() {
     // Overtaken by a newer write (of the next epoch) it is still logged: this commit owes the
     // callers of sync the sector as it was when the commit began.
     if (lane.marked) continue;
-    lane.old_raw = map_raw(lane.lba);
     Lookup old = lookup_media(lane.lba);
     lane.old_map = old.block | (old.error ? kMapError : 0);
     flog_write(lane, li, FlogEntry{lane.lba, lane.old_map, lane.free, lane.seq});

@@ -109,7 +109,6 @@ class Arena {
     LaneState state = LaneState::available;
     uint32_t lba = 0;      // premap of the pending update
     uint32_t old_map = 0;  // committed: the flog's old_map (the block the update frees)
-    uint32_t old_raw = 0;  // committed: the raw map entry when the flog entry was written
     bool marked = false;   // in a commit: trimmed or marked bad since; the flag must stay
   };
 
