@@ -86,8 +86,27 @@ class VolumeImpl final : public Volume {
 
   // A directory's name index, built on first use so lookups and creates never scan.
   struct DirIndex {
-    std::unordered_map<std::string, uint64_t> pos;  // name -> record position
-    std::vector<uint32_t> free_bytes;               // per directory block: the largest free record
+    // Names: open addressing with linear probing, from the hash of a name to its record. The
+    // name itself is only in the record, which a lookup reads anyway for the inode number.
+    struct Slot {
+      uint32_t hash = 0;
+      uint32_t record = 0;  // the record's position / 8 + 1; 0: an empty slot
+      uint64_t position() const { return uint64_t(record - 1) * 8; }
+    };
+    std::vector<Slot> slots;  // a power of two in size, at most 3/4 full
+    uint64_t names = 0;
+    uint64_t seed = 0;  // random per index: no set of names collides in every directory
+    // Free space: each block's largest free record, and the blocks that can take a name ordered
+    // by it, so that an insert finds room without a scan.
+    std::vector<uint32_t> free_bytes;
+    std::set<std::pair<uint32_t, uint64_t>> roomy;  // (free_bytes[block], block)
+
+    uint32_t hash(std::string_view name) const;
+    // The slot of the record called `name` in directory `dir`, or null.
+    Slot* find(VolumeImpl& v, fsfmt::Inode& dir, std::string_view name);
+    void insert(uint32_t hash, uint64_t position);
+    void erase(Slot* slot);
+    void set_free(uint64_t block, uint32_t largest);
   };
   // In-memory state of an inode that is in use.
   struct Node {
