@@ -114,8 +114,12 @@ Result<std::unique_ptr<Region>> Region::open(const std::string& path,
     return errno_status("cannot open image " + path);
   }
   // One writer or any number of readers: a second vpmfs on the same image would corrupt it.
-  if (!options.unlocked &&
-      ::flock(fd.get(), (options.read_only ? LOCK_SH : LOCK_EX) | LOCK_NB) != 0) {
+  const int lock = (options.read_only ? LOCK_SH : LOCK_EX) | LOCK_NB;
+  for (uint32_t waited = 0; !options.unlocked && ::flock(fd.get(), lock) != 0; waited += 20) {
+    if (errno == EWOULDBLOCK && waited < options.lock_wait_ms) {
+      ::usleep(20 * 1000);
+      continue;
+    }
     if (errno == EWOULDBLOCK) {
       return Status(EBUSY, "image in use: " + path +
                                " is held by another process (a mounted vpmfs or a vpmfs tool)");

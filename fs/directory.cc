@@ -282,6 +282,7 @@ Status VolumeImpl::readdir(uint64_t ino, uint64_t offset,
   auto dir = iget(ino);
   if (!dir) return dir.status();
   if (!S_ISDIR(dir->mode)) return Status(ENOTDIR, "not a directory");
+  if (touch_atime(*dir)) iput(ino, *dir);
   // Cookies: 1 after ".", 2 after "..", then 3 + position of the next record to look at.
   if (offset == 0) {
     if (!emit(DirEntry{".", ino, DT_DIR, 1})) return Status::ok();

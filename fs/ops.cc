@@ -243,6 +243,21 @@ Status VolumeImpl::zero_tail(Inode& inode) {
   return btt_->write(*lba, block.data());
 }
 
+bool VolumeImpl::touch_atime(Inode& inode) {
+  if (read_only_ || !failed_ || atime_ == MountOptions::Atime::noatime) return false;
+  Timestamp t = now();
+  auto before = [](int64_t s1, uint32_t n1, int64_t s2, uint32_t n2) {
+    return s1 < s2 || (s1 == s2 && n1 <= n2);
+  };
+  bool stale = atime_ == MountOptions::Atime::strictatime ||
+               before(inode.atime_sec, inode.atime_nsec, inode.mtime_sec, inode.mtime_nsec) ||
+               before(inode.atime_sec, inode.atime_nsec, inode.ctime_sec, inode.ctime_nsec) ||
+               inode.atime_sec + 24 * 3600 <= t.sec;
+  if (!stale) return false;
+  set_times(inode, t, kAtime);
+  return true;
+}
+
 uint64_t VolumeImpl::small_file_blocks() const { return 64; }
 
 Status VolumeImpl::free_blocks_from(uint64_t ino, uint64_t keep, Lock& lock) {
@@ -555,6 +570,7 @@ Result<std::size_t> VolumeImpl::read(uint64_t ino, uint64_t offset, void* buf, s
     auto inode = iget(ino);
     if (!inode) return inode.status();
     if (S_ISDIR(inode->mode)) return Status(EISDIR, "is a directory");
+    if (touch_atime(*inode)) iput(ino, *inode);
     if (offset >= inode->size) return std::size_t(0);
     len = std::min<uint64_t>(len, inode->size - offset);
     for (uint64_t fb = offset / bs_; fb <= (offset + len - 1) / bs_; ++fb) {
@@ -704,7 +720,11 @@ struct statvfs VolumeImpl::statfs() {
   s.f_frsize = bs_;
   s.f_blocks = sb_.block_count - sb_.data_start;
   s.f_bfree = free_blocks_;
-  s.f_bavail = free_blocks_;
+  // What a file can still grow by: its data blocks need pointer blocks too (one per bs / 8),
+  // and blocks reserved for fallocate or freed in the running transaction are not usable yet.
+  uint64_t unusable = std::min(free_blocks_, reserved_ + quarantine_.size());
+  uint64_t usable = free_blocks_ - unusable;
+  s.f_bavail = usable - ceil_div(usable, bs_ / 8);
   s.f_files = sb_.inode_count - 2;
   s.f_ffree = free_inodes_;
   s.f_favail = free_inodes_;

@@ -227,7 +227,9 @@ Status VolumeImpl::load(const std::string& image, const MountOptions& o) {
   ro.mode = o.mode;
   ro.force_persistent = o.force_persistent;
   ro.read_only = o.read_only;
+  ro.lock_wait_ms = o.lock_wait_ms;
   read_only_ = o.read_only;
+  atime_ = o.atime;
   commit_interval_ms_ = std::max<uint32_t>(o.commit_interval_ms, 1);
   max_transaction_blocks_ = o.max_transaction_blocks;
   on_error_ = o.on_error;

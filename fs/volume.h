@@ -196,6 +196,8 @@ class VolumeImpl final : public Volume {
   // Zeros the last block past the end of the file. A cut leaves whatever was there (the cut
   // may never commit); whatever grows the file zeros it first, so the growth reads zeros.
   Status zero_tail(fsfmt::Inode& inode);
+  // Updates the access time after a read, as the atime mode says; true if it changed inode.
+  bool touch_atime(fsfmt::Inode& inode);
   // Blocks a file may own and still be freed in one step.
   uint64_t small_file_blocks() const;
   // Frees the file's blocks from file block `keep` on, a piece at a time, making room in the
@@ -232,6 +234,7 @@ class VolumeImpl final : public Volume {
   bool read_only_ = false;
   uint32_t commit_interval_ms_ = 5000;
   uint64_t max_transaction_blocks_ = 0;  // throttle's limit (0: half the journal)
+  MountOptions::Atime atime_ = MountOptions::Atime::relatime;
   std::function<void(const std::string&)> on_error_;
 
   // Lock order: Node::io, then gate_, then mu_. Writers hold gate_ shared from allocating blocks

@@ -6,6 +6,7 @@
 #include <fcntl.h>
 #include <pthread.h>
 #include <signal.h>
+#include <sys/mount.h>
 #include <sys/stat.h>
 #include <syslog.h>
 #include <unistd.h>
@@ -109,6 +110,15 @@ class Launcher {
   bool active_ = false;
 };
 
+// mount -o remount,ro|rw: the kernel changes the mount; no daemon is started.
+[[noreturn]] void remount(const vpmfs::DaemonOptions& o, Launcher& launcher) {
+  unsigned long flags = MS_REMOUNT | (o.volume.read_only ? MS_RDONLY : 0);
+  if (::mount(o.image.c_str(), o.mountpoint.c_str(), nullptr, flags, nullptr) != 0) {
+    launcher.fail("cannot remount " + o.mountpoint + ": " + std::strerror(errno));
+  }
+  std::exit(0);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -138,6 +148,7 @@ int main(int argc, char** argv) {
   }
   if (options.debug) options.foreground = true;
   if (single_thread) options.max_threads = 1;
+  if (options.remount) remount(options, launcher);
 
   struct stat st {};
   if (::stat(options.mountpoint.c_str(), &st) != 0) {
@@ -162,6 +173,8 @@ int main(int argc, char** argv) {
   if (options.test_faults) pthread_sigmask(SIG_BLOCK, &usr1, nullptr);
 
   options.volume.on_error = [](const std::string& why) { vpmfs::log_message(LOG_CRIT, why); };
+  // Just unmounted, the previous daemon may still be making its final commit.
+  options.volume.lock_wait_ms = 5000;
   auto volume = vpmfs::Volume::mount(options.image, options.volume);
   if (!volume) launcher.fail("cannot mount " + options.image + ": " + volume.status().message());
   vpmfs::Volume& v = **volume;
@@ -182,13 +195,15 @@ int main(int argc, char** argv) {
     }).detach();
   }
   vpmfs::Status s = vpmfs::serve(v, options, [&] {
-    vpmfs::log_message(LOG_INFO, what);
     if (v.mode() == vpmfs::PersistMode::unsafe) {
       vpmfs::log_message(LOG_WARNING,
                          "WARNING: sync_dax=unsafe: nothing written to this mount is ever made "
                          "durable; fsync returns without flushing. A crash of the host can lose "
                          "or tear any of it.");
     }
+    // The terminal (mount(8)'s, xfstests') gets the mode line only in the foreground.
+    if (!options.foreground) vpmfs::log_to_stderr(false);
+    vpmfs::log_message(LOG_INFO, what);
     launcher.mounted();
   });
   if (!s) launcher.fail(s.message());

@@ -102,6 +102,9 @@ void op_init(void* userdata, fuse_conn_info* conn) {
   // Writes go straight to the image, whose mapping outlives a killed daemon; a kernel
   // write-back cache would hold acknowledged data where a daemon crash loses it.
   conn->want &= ~unsigned(FUSE_CAP_WRITEBACK_CACHE);
+  // open(O_TRUNC) truncates through a setattr the kernel sends first, rather than leaving it
+  // to an open that would have to do it itself (libfuse turns this on by default).
+  conn->want &= ~unsigned(FUSE_CAP_ATOMIC_O_TRUNC);
   if (conn->capable & FUSE_CAP_PARALLEL_DIROPS) conn->want |= FUSE_CAP_PARALLEL_DIROPS;
   if (conn->capable & FUSE_CAP_ASYNC_READ) conn->want |= FUSE_CAP_ASYNC_READ;
   if (conn->capable & FUSE_CAP_CACHE_SYMLINKS) conn->want |= FUSE_CAP_CACHE_SYMLINKS;

@@ -18,13 +18,27 @@ const char* to_string(DaxPolicy policy) {
 
 namespace {
 
-// Options mount(8) and mount.fuse3 hand every filesystem; the kernel applies the VFS ones
-// itself (nosuid, nodev, noexec, the atime family) from the mount call mount.fuse3 makes.
+// VFS flags: handed to libfuse, which makes them flags of the mount it makes (libfuse's own
+// defaults are nosuid,nodev; mount.fuse3 passes dev,suid when root mounts).
+constexpr std::string_view kVfsFlags[] = {
+    "dev", "nodev", "suid", "nosuid", "exec", "noexec", "sync", "async", "dirsync", "noatime",
+    "nodiratime",
+};
+
+bool is_vfs_flag(std::string_view name) {
+  for (auto f : kVfsFlags) {
+    if (f == name) return true;
+  }
+  return false;
+}
+
+// Options mount(8) and mount.fuse3 hand every filesystem, accepted and otherwise left alone.
 constexpr std::string_view kGeneric[] = {
     "rw",       "defaults",   "auto",    "noauto",   "user",        "nouser",   "users",
     "_netdev",  "nofail",     "dev",     "nodev",    "suid",        "nosuid",   "exec",
     "noexec",   "atime",      "noatime", "relatime", "strictatime", "diratime", "nodiratime",
     "lazytime", "nolazytime", "async",   "silent",   "loud",        "owner",    "group",
+    "sync",     "dirsync",
 };
 
 bool is_generic(std::string_view name) {
@@ -119,6 +133,16 @@ Status apply_mount_options(std::string_view list, DaemonOptions& o) {
       auto n = parse_uint(item, value, 1, 256);
       if (!n) return n.status();
       o.max_threads = *n;
+    } else if (name == "noatime" || name == "relatime" || name == "strictatime" ||
+               name == "atime") {
+      if (Status s = flag(); !s) return s;
+      o.volume.atime = name == "noatime"       ? MountOptions::Atime::noatime
+                       : name == "strictatime" ? MountOptions::Atime::strictatime
+                                               : MountOptions::Atime::relatime;
+      if (name == "noatime") o.passed.emplace_back(item);
+    } else if (name == "remount") {
+      if (Status s = flag(); !s) return s;
+      o.remount = true;
     } else if (name == "max_write") {
       auto n = parse_uint(item, value, 4096, 1u << 20);
       if (!n) return n.status();
@@ -144,6 +168,9 @@ std::string fuse_mount_options(const DaemonOptions& o) {
   if (o.allow_other) s += ",allow_other";
   if (o.default_permissions) s += ",default_permissions";
   if (o.volume.read_only) s += ",ro";
+  for (const auto& p : o.passed) {
+    if (is_vfs_flag(p)) s += "," + p;
+  }
   return s;
 }
 

@@ -44,6 +44,11 @@ struct MountOptions {
   // Background commit interval: metadata and data written without fsync become durable at
   // most this long after they were written (the commit= mount option).
   uint32_t commit_interval_ms = 5000;
+  // Wait this long for the image lock (RegionOptions::lock_wait_ms).
+  uint32_t lock_wait_ms = 0;
+  // Access times: updated on read and readdir when older than the modification or change time
+  // or a day old (relatime, the default), never (noatime), or always (strictatime).
+  enum class Atime { relatime, noatime, strictatime } atime = Atime::relatime;
   // Called once, from whichever thread saw it, when a failed commit or device flush turns the
   // volume read-only; the message says why.
   std::function<void(const std::string&)> on_error;

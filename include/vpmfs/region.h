@@ -38,6 +38,9 @@ struct RegionOptions {
   // With read_only: take no lock at all, so that a tool can look at an image a mounted vpmfs
   // holds (vpmfs-ctl info). What it reads may change under it, and every value must be checked.
   bool unlocked = false;
+  // How long to wait for the image lock when another process holds it (0: fail at once). A
+  // daemon that was just unmounted still holds it while it makes its final commit.
+  uint32_t lock_wait_ms = 0;
   // Non-zero: create the image (sparse) with this size if it does not exist or is empty.
   uint64_t create_size = 0;
 };

@@ -46,8 +46,20 @@ TEST(MountOptions, GenericOptionsFromMountAndFstab) {
   DaemonOptions o;
   ASSERT_TRUE(apply_mount_options(
       "rw,nosuid,nodev,noexec,relatime,_netdev,nofail,x-systemd.automount,defaults", o));
-  EXPECT_EQ(o.passed.size(), 8u);  // all but rw, which vpmfs handles itself
+  EXPECT_EQ(o.passed.size(), 7u);  // all but rw and relatime, which vpmfs handles itself
   EXPECT_FALSE(o.volume.read_only);
+  EXPECT_EQ(o.volume.atime, MountOptions::Atime::relatime);
+  // The VFS flags go on to the mount libfuse makes; the others stay behind.
+  EXPECT_EQ(fuse_mount_options(o),
+            "fsname=,subtype=vpmfs,default_permissions,nosuid,nodev,noexec");
+  ASSERT_TRUE(apply_mount_options("noatime,dev,suid", o));
+  EXPECT_EQ(o.volume.atime, MountOptions::Atime::noatime);
+  EXPECT_NE(fuse_mount_options(o).find(",noatime,dev,suid"), std::string::npos);
+  ASSERT_TRUE(apply_mount_options("strictatime", o));
+  EXPECT_EQ(o.volume.atime, MountOptions::Atime::strictatime);
+  ASSERT_TRUE(apply_mount_options("remount,ro", o));
+  EXPECT_TRUE(o.remount);
+  EXPECT_TRUE(o.volume.read_only);
 }
 
 TEST(MountOptions, ClearErrors) {

@@ -273,6 +273,33 @@ TEST_F(Posix, PermissionsForAnOrdinaryUser) {
   EXPECT_EQ(WEXITSTATUS(status), 0) << "step that did not fail as POSIX says";
 }
 
+TEST_F(Posix, OpenWithOTruncEmptiesTheFile) {
+  spit(p("trunc"), "hello world");
+  spit(p("trunc"), "hi");  // O_WRONLY | O_CREAT | O_TRUNC, as a shell's ">" does
+  EXPECT_EQ(slurp(p("trunc")), "hi");
+  int fd = ::open(p("trunc").c_str(), O_RDWR | O_TRUNC);
+  ASSERT_GE(fd, 0);
+  struct stat st {};
+  ASSERT_EQ(::fstat(fd, &st), 0);
+  EXPECT_EQ(st.st_size, 0);
+  ::close(fd);
+}
+
+TEST_F(Posix, AccessTimesFollowRelatime) {
+  spit(p("atime"), "read me");
+  struct timespec old[2] = {{1000000000, 0}, {1000000000, 0}};  // atime = mtime, long ago
+  ASSERT_EQ(::utimensat(AT_FDCWD, p("atime").c_str(), old, 0), 0);
+  EXPECT_EQ(slurp(p("atime")), "read me");
+  struct stat st {};
+  ASSERT_EQ(::stat(p("atime").c_str(), &st), 0);
+  EXPECT_GT(st.st_atim.tv_sec, 1000000000) << "a read of a file with atime <= mtime updates it";
+  EXPECT_EQ(st.st_mtim.tv_sec, 1000000000);
+  time_t first = st.st_atim.tv_sec;
+  EXPECT_EQ(slurp(p("atime")), "read me");
+  ASSERT_EQ(::stat(p("atime").c_str(), &st), 0);
+  EXPECT_EQ(st.st_atim.tv_sec, first) << "relatime: not again within a day";
+}
+
 TEST_F(Posix, FileSizeLimits) {
   int fd = ::open(p("limits").c_str(), O_RDWR | O_CREAT, 0644);
   ASSERT_GE(fd, 0);

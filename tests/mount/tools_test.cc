@@ -169,16 +169,25 @@ TEST(Daemon, MountThroughMountFuse3AndReadOnly) {
   // the test names the built binary with mount.fuse3's "PROGRAM#SOURCE" form instead.
   std::string source = kBin + "/vpmfs#" + img;
   auto [rc, err] = capture({"/bin/mount", "-t", "fuse", source, dir, "-o",
-                            "rw,nosuid,nodev,sync_dax=writeback,commit=2"});
+                            "rw,nosuid,nodev,noexec,sync_dax=writeback,commit=2"});
   ASSERT_EQ(rc, 0) << err;
+  EXPECT_EQ(err, "") << "a daemonized mount prints nothing (its mode line goes to syslog)";
   std::ofstream(dir + "/hello") << "through mount(8)";
-  std::string mounts;
-  {
+  auto mounts = [] {
     std::ifstream f("/proc/mounts");
-    mounts.assign(std::istreambuf_iterator<char>(f), {});
-  }
-  EXPECT_NE(mounts.find(img + " " + dir + " fuse.vpmfs rw,nosuid,nodev"), std::string::npos)
-      << mounts;
+    return std::string(std::istreambuf_iterator<char>(f), {});
+  };
+  EXPECT_NE(mounts().find(img + " " + dir + " fuse.vpmfs rw,nosuid,nodev,noexec"),
+            std::string::npos)
+      << mounts();
+  // mount -o remount,ro and back: the daemon changes the mount's flags and exits.
+  ASSERT_EQ(capture({kBin + "/vpmfs", img, dir, "-o", "remount,ro"}).first, 0);
+  EXPECT_LT(::open((dir + "/nope").c_str(), O_CREAT | O_WRONLY, 0644), 0);
+  EXPECT_EQ(errno, EROFS);
+  ASSERT_EQ(capture({kBin + "/vpmfs", img, dir, "-o", "remount,rw"}).first, 0);
+  int fd = ::open((dir + "/again").c_str(), O_CREAT | O_WRONLY, 0644);
+  EXPECT_GE(fd, 0) << std::strerror(errno);
+  if (fd >= 0) ::close(fd);
   EXPECT_EQ(capture({"/bin/umount", dir}).first, 0);
   // The daemon ends after the unmount; wait for its lock on the image to go.
   int rc2 = 1;
