@@ -676,6 +676,8 @@ Status serve(Volume& volume, const DaemonOptions& options, const std::function<v
   std::vector<char*> argv;
   for (auto& a : argv_s) argv.push_back(a.data());
   fuse_args args = FUSE_ARGS_INIT(int(argv.size()), argv.data());
+  // libfuse may copy the arguments while parsing them; the copy is ours to free.
+  auto free_args = std::unique_ptr<fuse_args, void (*)(fuse_args*)>(&args, fuse_opt_free_args);
 
   Daemon daemon{volume, options};
   fuse_session* se = fuse_session_new(&args, &kOps, sizeof kOps, &daemon);
