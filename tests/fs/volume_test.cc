@@ -1204,6 +1204,16 @@ TEST(VolumeDax, SynchronousMappingsNeedADirectRegion) {
   ASSERT_FALSE(sync_map);
   EXPECT_EQ(sync_map.status().error(), EOPNOTSUPP);
   EXPECT_THAT(sync_map.status().message(), ::testing::HasSubstr("writeback"));
+  // Nor can an unsafe one.
+  {
+    v.reset();
+    MountOptions u = m;
+    u.mode = PersistMode::unsafe;
+    auto unsafe = std::move(Volume::mount(path, u).value());
+    EXPECT_EQ(unsafe->map(f->ino, 0, 8192, true).status().error(), EOPNOTSUPP);
+    unsafe.reset();
+    v = std::move(Volume::mount(path, m).value());
+  }
   // Without the promise it works, and sync() is its msync.
   auto plain = v->map(f->ino, 0, 8192, false);
   ASSERT_TRUE(plain) << plain.status().to_string();
