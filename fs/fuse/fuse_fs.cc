@@ -108,6 +108,8 @@ void op_init(void* userdata, fuse_conn_info* conn) {
   if (conn->capable & FUSE_CAP_PARALLEL_DIROPS) conn->want |= FUSE_CAP_PARALLEL_DIROPS;
   if (conn->capable & FUSE_CAP_ASYNC_READ) conn->want |= FUSE_CAP_ASYNC_READ;
   if (conn->capable & FUSE_CAP_CACHE_SYMLINKS) conn->want |= FUSE_CAP_CACHE_SYMLINKS;
+  // Inodes can be found again by number and generation (LOOKUP of "." and "..").
+  if (conn->capable & FUSE_CAP_EXPORT_SUPPORT) conn->want |= FUSE_CAP_EXPORT_SUPPORT;
   // FS_IOC_FSGETXATTR and FS_IOC_FSSETXATTR on directories too (the DAX flag they pass on).
   if (conn->capable & FUSE_CAP_IOCTL_DIR) conn->want |= FUSE_CAP_IOCTL_DIR;
   // Directory listings come from readdir; attributes are looked up by name as needed.
@@ -127,6 +129,14 @@ void op_init(void* userdata, fuse_conn_info* conn) {
 }
 
 void op_lookup(fuse_req_t req, fuse_ino_t parent, const char* name) {
+  if (std::strcmp(name, ".") == 0) {
+    // File handles (open_by_handle_at, NFS export): the kernel asks for an inode by its
+    // number, of any type; it checks the generation itself. A file gone (or going) is stale.
+    auto attr = vol(req).getattr(parent);
+    if (attr && attr->nlink == 0) attr = Status(ESTALE, "unlinked");
+    reply_entry_or_error(req, attr);
+    return;
+  }
   reply_entry_or_error(req, vol(req).lookup(parent, name));
 }
 

@@ -11,6 +11,8 @@
 #include <unistd.h>
 
 #include <cstring>
+#include <memory>
+#include <fstream>
 #include <thread>
 #include <atomic>
 #include <set>
@@ -298,6 +300,33 @@ TEST_F(Posix, AccessTimesFollowRelatime) {
   EXPECT_EQ(slurp(p("atime")), "read me");
   ASSERT_EQ(::stat(p("atime").c_str(), &st), 0);
   EXPECT_EQ(st.st_atim.tv_sec, first) << "relatime: not again within a day";
+}
+
+TEST_F(Posix, FileHandlesOutliveTheInodeCache) {
+  spit(p("handled"), "found by handle");
+  auto handle = std::unique_ptr<file_handle, void (*)(void*)>(
+      static_cast<file_handle*>(std::malloc(sizeof(file_handle) + MAX_HANDLE_SZ)), std::free);
+  handle->handle_bytes = MAX_HANDLE_SZ;
+  int mount_id = 0;
+  ASSERT_EQ(::name_to_handle_at(AT_FDCWD, p("handled").c_str(), handle.get(), &mount_id, 0), 0)
+      << strerror(errno);
+  int mount_fd = ::open(mount_->dir().c_str(), O_RDONLY | O_DIRECTORY);
+  ASSERT_GE(mount_fd, 0);
+  // Forget the inode in the kernel, so that decoding the handle has to ask vpmfs.
+  ::syncfs(mount_fd);
+  { std::ofstream("/proc/sys/vm/drop_caches") << "2"; }
+  int fd = ::open_by_handle_at(mount_fd, handle.get(), O_RDONLY);
+  ASSERT_GE(fd, 0) << strerror(errno);
+  char buf[15];
+  EXPECT_EQ(::read(fd, buf, sizeof buf), 15);
+  EXPECT_EQ(std::string(buf, 15), "found by handle");
+  ::close(fd);
+  // Gone: the handle is stale.
+  ASSERT_EQ(::unlink(p("handled").c_str()), 0);
+  { std::ofstream("/proc/sys/vm/drop_caches") << "2"; }
+  EXPECT_LT(::open_by_handle_at(mount_fd, handle.get(), O_RDONLY), 0);
+  EXPECT_EQ(errno, ESTALE);
+  ::close(mount_fd);
 }
 
 TEST_F(Posix, FileSizeLimits) {
