@@ -669,7 +669,6 @@ Result<std::size_t> VolumeImpl::write_piece(uint64_t ino, uint64_t offset, const
     }
     inode->size = std::max(inode->size, end);
     set_times(*inode, now(), kMtime | kCtime);
-    inode->mode &= ~uint32_t(S_ISUID);  // writes drop setuid, as the kernel expects
     iput(ino, *inode);
   }
   // The data, without the volume lock. Whole blocks go straight from the caller's buffer into

@@ -8,6 +8,7 @@
 #include <syslog.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdio>
 #include <cstring>
@@ -35,6 +36,7 @@ struct Daemon {
   // The kernel leaves the umask to vpmfs (FUSE_CAP_DONT_MASK), which applies it unless the
   // parent directory has a default ACL.
   bool dont_mask = false;
+  fuse_session* session = nullptr;  // for notifications to the kernel
 };
 
 // What an open file carries: the DAX mappings made through it (VPMFS_IOC_DAX_MAP), released
@@ -114,8 +116,10 @@ void op_init(void* userdata, fuse_conn_info* conn) {
   if (conn->capable & FUSE_CAP_IOCTL_DIR) conn->want |= FUSE_CAP_IOCTL_DIR;
   // Directory listings come from readdir; attributes are looked up by name as needed.
   conn->want &= ~unsigned(FUSE_CAP_READDIRPLUS);
-  // The kernel clears setuid/setgid on write, truncate and chown itself.
-  conn->want &= ~unsigned(FUSE_CAP_HANDLE_KILLPRIV);
+  // setuid/setgid are cleared here too (kill_privileges), by today's rules: the kernel's own
+  // fallback for FUSE (used while libfuse cannot take the flag) keeps setgid unless
+  // group-exec is set.
+  if (conn->capable & FUSE_CAP_HANDLE_KILLPRIV) conn->want |= FUSE_CAP_HANDLE_KILLPRIV;
   // ACLs: the kernel enforces them (this implies default_permissions) from the
   // system.posix_acl_* attributes vpmfs stores; vpmfs keeps mode and ACL in step and applies
   // default ACLs to new nodes, so it needs the umask unapplied.
@@ -150,6 +154,42 @@ void op_forget_multi(fuse_req_t req, size_t count, fuse_forget_data* forgets) {
   fuse_reply_none(req);
 }
 
+// Whether the caller is in group gid (its fsgid or a supplementary group).
+bool caller_in_group(fuse_req_t req, uint32_t gid) {
+  if (fuse_req_ctx(req)->gid == gid) return true;
+  gid_t groups[256];
+  int n = fuse_req_getgroups(req, 256, groups);
+  for (int i = 0; i < std::min(n, 256); ++i) {
+    if (groups[i] == gid) return true;
+  }
+  return false;
+}
+
+// After a write, truncate, fallocate or chown of a regular file: setuid goes unless the caller
+// is root (CAP_FSETID; FUSE does not pass capabilities, so root stands for them), except that
+// chown clears it for everyone; setgid goes if group-exec is set, or if the caller is neither
+// in the file's group nor root. The kernel's rules for local filesystems
+// (should_remove_suid, setattr_should_drop_sgid).
+void kill_privileges(fuse_req_t req, fuse_ino_t ino, bool chown) {
+  Volume& v = vol(req);
+  auto attr = v.getattr(ino);
+  if (!attr || !S_ISREG(attr->mode) || !(attr->mode & (S_ISUID | S_ISGID))) return;
+  bool root = fuse_req_ctx(req)->uid == 0;
+  uint32_t kill = 0;
+  if ((attr->mode & S_ISUID) && (chown || !root)) kill |= S_ISUID;
+  if ((attr->mode & S_ISGID) &&
+      ((attr->mode & S_IXGRP) || (!root && !caller_in_group(req, attr->gid)))) {
+    kill |= S_ISGID;
+  }
+  if (kill == 0) return;
+  SetAttr c;
+  c.mode = attr->mode & 07777 & ~kill;
+  if (!v.setattr(ino, c)) return;
+  // The kernel caches the mode it last saw; it must ask again. Attributes only (offset < 0),
+  // which needs no lock the writer may hold.
+  fuse_lowlevel_notify_inval_inode(daemon_of(req).session, ino, -1, 0);
+}
+
 void op_getattr(fuse_req_t req, fuse_ino_t ino, fuse_file_info*) {
   reply_attr(req, vol(req).getattr(ino));
 }
@@ -176,7 +216,12 @@ void op_setattr(fuse_req_t req, fuse_ino_t ino, struct stat* attr, int to_set, f
   } else if (to_set & FUSE_SET_ATTR_MTIME) {
     c.mtime = attr->st_mtim;
   }
-  reply_attr(req, vol(req).setattr(ino, c));
+  auto changed = vol(req).setattr(ino, c);
+  if (changed && (c.size || c.uid || c.gid)) {
+    kill_privileges(req, ino, c.uid || c.gid);
+    changed = vol(req).getattr(ino);
+  }
+  reply_attr(req, changed);
 }
 
 void op_readlink(fuse_req_t req, fuse_ino_t ino) {
@@ -289,6 +334,7 @@ void op_write(fuse_req_t req, fuse_ino_t ino, const char* data, size_t size, off
               fuse_file_info*) {
   auto n = vol(req).write(ino, uint64_t(off), data, size);
   if (n) {
+    kill_privileges(req, ino, false);
     fuse_reply_write(req, *n);
   } else {
     fuse_reply_err(req, n.status().error());
@@ -545,7 +591,9 @@ void op_fallocate(fuse_req_t req, fuse_ino_t ino, int mode, off_t offset, off_t 
     fuse_reply_err(req, EINVAL);
     return;
   }
-  reply_status(req, vol(req).fallocate(ino, mode, uint64_t(offset), uint64_t(length)));
+  Status s = vol(req).fallocate(ino, mode, uint64_t(offset), uint64_t(length));
+  if (s) kill_privileges(req, ino, false);
+  reply_status(req, s);
 }
 
 // The kernel handles SEEK_SET, SEEK_CUR and SEEK_END; only SEEK_DATA and SEEK_HOLE come here.
@@ -693,6 +741,7 @@ Status serve(Volume& volume, const DaemonOptions& options, const std::function<v
   fuse_session* se = fuse_session_new(&args, &kOps, sizeof kOps, &daemon);
   if (se == nullptr) return Status(EINVAL, "libfuse refused the session options: " + mount_opts);
   auto destroy = std::unique_ptr<fuse_session, void (*)(fuse_session*)>(se, fuse_session_destroy);
+  daemon.session = se;
   if (fuse_set_signal_handlers(se) != 0) return Status(EIO, "cannot install signal handlers");
   if (fuse_session_mount(se, options.mountpoint.c_str()) != 0) {
     fuse_remove_signal_handlers(se);

@@ -1,6 +1,7 @@
 // POSIX behaviour through a real FUSE mount of vpmfs, checked against what Linux specifies.
 #include <dirent.h>
 #include <fcntl.h>
+#include <grp.h>
 #include <linux/fs.h>
 #include <sys/stat.h>
 #include <sys/statvfs.h>
@@ -327,6 +328,39 @@ TEST_F(Posix, FileHandlesOutliveTheInodeCache) {
   EXPECT_LT(::open_by_handle_at(mount_fd, handle.get(), O_RDONLY), 0);
   EXPECT_EQ(errno, ESTALE);
   ::close(mount_fd);
+}
+
+// A change of a file's data by an ordinary user takes setuid away, and setgid too unless the
+// user is in the file's group, as on local filesystems today (tmpfs, ext4).
+TEST_F(Posix, WritesBySomeoneElseClearSetuidAndSetgid) {
+  enum Op { kWrite, kTruncate, kAllocate, kPunch };
+  for (Op op : {kWrite, kTruncate, kAllocate, kPunch}) {
+    for (bool member : {false, true}) {
+      std::string f = p("sgid" + std::to_string(op) + (member ? "m" : ""));
+      spit(f, "0123456789");
+      if (member) {
+        ASSERT_EQ(::chown(f.c_str(), 0, 65534), 0);
+      }
+      ASSERT_EQ(::chmod(f.c_str(), 06666), 0);
+      pid_t pid = fork();
+      if (pid == 0) {
+        if (setgroups(0, nullptr) != 0 || setgid(65534) != 0 || setuid(65534) != 0) _exit(10);
+        int fd = ::open(f.c_str(), O_RDWR);
+        if (fd < 0) _exit(1);
+        int rc = op == kWrite      ? int(::pwrite(fd, "x", 1, 0)) - 1
+                 : op == kTruncate ? ::ftruncate(fd, 4)
+                 : op == kAllocate ? ::fallocate(fd, 0, 0, 8192)
+                                   : ::fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0, 4);
+        _exit(rc == 0 ? 0 : 2);
+      }
+      int status = 0;
+      waitpid(pid, &status, 0);
+      ASSERT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << "op " << op;
+      struct stat st {};
+      ASSERT_EQ(::stat(f.c_str(), &st), 0);
+      EXPECT_EQ(st.st_mode & 07777, member ? 02666u : 0666u) << "op " << op << (member ? ", member" : "");
+    }
+  }
 }
 
 TEST_F(Posix, FileSizeLimits) {
