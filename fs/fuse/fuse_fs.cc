@@ -419,7 +419,21 @@ void op_setxattr(fuse_req_t req, fuse_ino_t ino, const char* name, const char* v
     fuse_reply_err(req, EPERM);
     return;
   }
-  reply_status(req, vol(req).setxattr(ino, name, value, size, flags));
+  Status s = vol(req).setxattr(ino, name, value, size, flags);
+  if (s && std::strcmp(name, "system.posix_acl_access") == 0) {
+    // Setting an access ACL drops setgid when its setter is neither root nor in the group
+    // (posix_acl_update_mode); the kernel leaves that to the server here.
+    auto attr = vol(req).getattr(ino);
+    if (attr && (attr->mode & S_ISGID) && fuse_req_ctx(req)->uid != 0 &&
+        !caller_in_group(req, attr->gid)) {
+      SetAttr c;
+      c.mode = attr->mode & 07777 & ~uint32_t(S_ISGID);
+      if (vol(req).setattr(ino, c)) {
+        fuse_lowlevel_notify_inval_inode(daemon_of(req).session, ino, -1, 0);
+      }
+    }
+  }
+  reply_status(req, s);
 }
 
 // getxattr and listxattr: size 0 asks for the size needed.

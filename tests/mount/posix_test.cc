@@ -459,6 +459,20 @@ TEST_F(Posix, AclsAreEnforcedAndInherited) {
   waitpid(pid, &status, 0);
   EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << "ACL not honoured, step "
                                                               << WEXITSTATUS(status);
+  // An owner outside the file's group who sets an access ACL loses setgid (generic/375).
+  spit(p("aclsgid"), "x");
+  ASSERT_EQ(::chown(p("aclsgid").c_str(), 65534, 0), 0);
+  ASSERT_EQ(::chmod(p("aclsgid").c_str(), 02775), 0);
+  pid = fork();
+  if (pid == 0) {
+    if (setgroups(0, nullptr) != 0 || setgid(65534) != 0 || setuid(65534) != 0) _exit(10);
+    execl("/usr/bin/setfacl", "setfacl", "-m", "u:65534:rwx", p("aclsgid").c_str(), nullptr);
+    _exit(11);
+  }
+  waitpid(pid, &status, 0);
+  ASSERT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+  ASSERT_EQ(::stat(p("aclsgid").c_str(), &st), 0);
+  EXPECT_EQ(st.st_mode & S_ISGID, 0u) << "setgid kept after an ACL change by a non-member";
   // Taking the entry away takes the access away.
   ASSERT_EQ(test::run({"/usr/bin/setfacl", "-x", "u:65534", p("acl")}), 0);
   pid = fork();
