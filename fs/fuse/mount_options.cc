@@ -19,10 +19,10 @@ const char* to_string(DaxPolicy policy) {
 namespace {
 
 // VFS flags: handed to libfuse, which makes them flags of the mount it makes (libfuse's own
-// defaults are nosuid,nodev; mount.fuse3 passes dev,suid when root mounts).
+// defaults are nosuid,nodev; mount.fuse3 passes dev,suid when root mounts). libfuse 3.14 does
+// not know nodiratime: it is accepted and left alone.
 constexpr std::string_view kVfsFlags[] = {
     "dev", "nodev", "suid", "nosuid", "exec", "noexec", "sync", "async", "dirsync", "noatime",
-    "nodiratime",
 };
 
 bool is_vfs_flag(std::string_view name) {

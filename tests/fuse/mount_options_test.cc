@@ -52,9 +52,11 @@ TEST(MountOptions, GenericOptionsFromMountAndFstab) {
   // The VFS flags go on to the mount libfuse makes; the others stay behind.
   EXPECT_EQ(fuse_mount_options(o),
             "fsname=,subtype=vpmfs,default_permissions,nosuid,nodev,noexec");
-  ASSERT_TRUE(apply_mount_options("noatime,dev,suid", o));
+  ASSERT_TRUE(apply_mount_options("noatime,dev,suid,nodiratime", o));
   EXPECT_EQ(o.volume.atime, MountOptions::Atime::noatime);
   EXPECT_NE(fuse_mount_options(o).find(",noatime,dev,suid"), std::string::npos);
+  EXPECT_EQ(fuse_mount_options(o).find("nodiratime"), std::string::npos)
+      << "libfuse 3.14 refuses it";
   ASSERT_TRUE(apply_mount_options("strictatime", o));
   EXPECT_EQ(o.volume.atime, MountOptions::Atime::strictatime);
   ASSERT_TRUE(apply_mount_options("remount,ro", o));
