@@ -130,7 +130,15 @@ class Mount {
   int unmount() {
     if (!mounted_) return -1;
     mounted_ = false;
-    run({"/bin/fusermount3", "-u", dir_});
+    // Something else on the machine may hold the mount for a moment (a scan of /dev/shm, say):
+    // try again for a while, then detach it lazily rather than wait for a daemon that was never
+    // told to stop.
+    bool gone = false;
+    for (int i = 0; i < 50 && !gone; ++i) {
+      gone = run({"/bin/fusermount3", "-u", dir_}) == 0;
+      if (!gone) std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    }
+    if (!gone) run({"/bin/fusermount3", "-u", "-z", dir_});
     int status = 0;
     waitpid(daemon_, &status, 0);
     return run({std::string(VPMFS_BIN_DIR) + "/fsck.vpmfs", "-n", image_});
