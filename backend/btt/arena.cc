@@ -14,13 +14,6 @@
 namespace vpmfs::btt {
 namespace {
 
-template <typename T>
-T load(const Region& region, uint64_t off) {
-  T value;
-  std::memcpy(&value, region.at(off), sizeof value);
-  return value;
-}
-
 constexpr std::byte kZeros[4096] = {};
 
 std::string str(const char* fmt, auto... args) {

@@ -14,13 +14,6 @@ using namespace btt;
 
 namespace {
 
-template <typename T>
-T load(const Region& region, uint64_t off) {
-  T value;
-  std::memcpy(&value, region.at(off), sizeof value);
-  return value;
-}
-
 std::string str(const char* fmt, auto... args) {
   char buf[320];
   std::snprintf(buf, sizeof buf, fmt, args...);

@@ -4,16 +4,6 @@
 #include "btt/arena.h"
 
 namespace vpmfs::btt {
-namespace {
-
-template <typename T>
-T load(const Region& region, uint64_t off) {
-  T value;
-  std::memcpy(&value, region.at(off), sizeof value);
-  return value;
-}
-
-}  // namespace
 
 std::string hex(uint64_t v) {
   char buf[24];

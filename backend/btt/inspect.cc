@@ -13,13 +13,6 @@ using namespace btt;
 
 namespace {
 
-template <typename T>
-T load(const Region& region, uint64_t off) {
-  T value;
-  std::memcpy(&value, region.at(off), sizeof value);
-  return value;
-}
-
 BttArenaInfo arena_info(const FoundInfo& found) {
   const InfoBlock& in = found.info;
   const ArenaGeometry& g = found.geometry;

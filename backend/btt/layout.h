@@ -4,6 +4,9 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
+
+#include "vpmfs/region.h"
 
 namespace vpmfs::btt {
 
@@ -123,5 +126,13 @@ struct ArenaGeometry {
   uint32_t internal_nlba = 0;
   uint32_t nfree = 0;
 };
+
+// A structure read from media at a region offset (the caller has checked the range).
+template <typename T>
+T load(const Region& region, uint64_t off) {
+  T value;
+  std::memcpy(&value, region.at(off), sizeof value);
+  return value;
+}
 
 }  // namespace vpmfs::btt
