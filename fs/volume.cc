@@ -232,6 +232,7 @@ Status VolumeImpl::load(const std::string& image, const MountOptions& o) {
   atime_ = o.atime;
   commit_interval_ms_ = std::max<uint32_t>(o.commit_interval_ms, 1);
   max_transaction_blocks_ = o.max_transaction_blocks;
+  cache_limit_ = std::max<uint64_t>(o.cache_blocks, 16);
   on_error_ = o.on_error;
   auto region = Region::open(image, ro);
   if (!region) return region.status();
@@ -404,13 +405,23 @@ Status VolumeImpl::load_bitmaps() {
   free_blocks_ = 0;
   for (uint64_t i = 0; i < sb_.block_bitmap_blocks; ++i) {
     if (Status s = btt_->read(sb_.block_bitmap_start + i, block.data()); !s) return s;
-    for (uint64_t bit = 0; bit < uint64_t(bs_) * 8; ++bit) {
+    for (uint64_t bit = 0; bit < uint64_t(bs_) * 8;) {
       uint64_t lba = i * bs_ * 8 + bit;
       if (lba >= sb_.block_count) break;
+      // A whole free byte inside the data area: eight at once (a terabyte has 2^28 blocks).
+      if (bit % 8 == 0 && block[bit / 8] == std::byte{0} && lba >= sb_.data_start &&
+          lba + 8 <= sb_.block_count) {
+        std::fill(block_used_.begin() + int64_t(lba), block_used_.begin() + int64_t(lba + 8),
+                  false);
+        free_blocks_ += 8;
+        bit += 8;
+        continue;
+      }
       bool used = (uint8_t(block[bit / 8]) >> (bit % 8)) & 1;
       if (lba < sb_.data_start) used = true;
       block_used_[lba] = used;
       free_blocks_ += used ? 0 : 1;
+      ++bit;
     }
   }
   inode_used_.assign(sb_.inode_count, true);
@@ -488,7 +499,7 @@ Status VolumeImpl::free_orphans() {
     }
   }
   lock.unlock();
-  return commit();
+  return sync_wait();  // through the committer, which may be committing already
 }
 
 VolumeImpl::~VolumeImpl() {
@@ -605,7 +616,22 @@ Status VolumeImpl::commit() {
   }
   lock.lock();
   for (uint64_t b : freed) quarantine_.erase(b);
+  trim_cache();
   return Status::ok();
+}
+
+void VolumeImpl::trim_cache() {
+  // Safe here: every clean block's image is home in the BTT (this commit's were just written),
+  // and nobody holds a pointer into the cache without mu_.
+  if (cache_.size() <= cache_limit_) return;
+  const std::size_t target = cache_limit_ - cache_limit_ / 4;
+  for (auto it = cache_.begin(); it != cache_.end() && cache_.size() > target;) {
+    if (it->first == 0 || dirty_.count(it->first) != 0 || kill_dirty_.count(it->first) != 0) {
+      ++it;
+    } else {
+      it = cache_.erase(it);
+    }
+  }
 }
 
 void VolumeImpl::committer() {

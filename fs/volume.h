@@ -196,6 +196,9 @@ class VolumeImpl final : public Volume {
   // Zeros the last block past the end of the file. A cut leaves whatever was there (the cut
   // may never commit); whatever grows the file zeros it first, so the growth reads zeros.
   Status zero_tail(fsfmt::Inode& inode);
+  // Drops clean metadata blocks from the cache when it holds more than cache_limit_; at the
+  // end of a commit, with mu_ held.
+  void trim_cache();
   // Updates the access time after a read, as the atime mode says; true if it changed inode.
   bool touch_atime(fsfmt::Inode& inode);
   // Blocks a file may own and still be freed in one step.
@@ -234,6 +237,7 @@ class VolumeImpl final : public Volume {
   bool read_only_ = false;
   uint32_t commit_interval_ms_ = 5000;
   uint64_t max_transaction_blocks_ = 0;  // throttle's limit (0: half the journal)
+  uint64_t cache_limit_ = 16384;          // metadata blocks kept in memory (trim_cache)
   MountOptions::Atime atime_ = MountOptions::Atime::relatime;
   std::function<void(const std::string&)> on_error_;
 

@@ -59,6 +59,9 @@ struct MountOptions {
   // Test hook: commit once a transaction holds this many blocks (0: half the journal), so that
   // tests can crash large operations between their transactions.
   uint64_t max_transaction_blocks = 0;
+  // Metadata blocks (inodes, directories, bitmaps, pointer blocks) kept in memory; clean ones
+  // beyond this are dropped after a commit and read again when needed.
+  uint64_t cache_blocks = 16384;
 };
 
 struct Attr {

@@ -1130,6 +1130,66 @@ TEST(VolumeSmallBlocks, WriteLargerThanTheJournalCommitsInPieces) {
   EXPECT_TRUE(report->problems.empty()) << report->problems.front();
 }
 
+// A tiny metadata cache: blocks are dropped after every commit and read back from the BTT, with
+// commits running all the time under four threads of creates, writes, xattrs and unlinks.
+TEST(VolumeSmallCache, EvictedMetadataReadsBackTheSame) {
+  TempPath path("smallcache.img");
+  MkfsOptions o;
+  o.size = 64 << 20;
+  o.force_persistent = true;
+  ASSERT_TRUE(Volume::mkfs(path, o));
+  MountOptions m;
+  m.force_persistent = true;
+  m.cache_blocks = 16;
+  m.commit_interval_ms = 2;
+  {
+    auto v = std::move(Volume::mount(path, m).value());
+    std::vector<std::thread> threads;
+    for (int t = 0; t < 4; ++t) {
+      threads.emplace_back([&v, t] {
+        auto d = v->mkdir(kRootIno, nm('d', t), 0755, 0, 0);
+        ASSERT_TRUE(d);
+        for (int i = 0; i < 400; ++i) {
+          auto f = v->mknod(d->ino, nm('f', i), S_IFREG | 0644, 0, 0, 0);
+          ASSERT_TRUE(f) << f.status().to_string();
+          std::string data = nm('c', t * 1000 + i);
+          ASSERT_TRUE(v->write(f->ino, uint64_t(i) * 512, data.data(), data.size()));
+          ASSERT_TRUE(v->setxattr(f->ino, "user.n", data.data(), data.size(), 0));
+          if (i % 5 == 4) {
+            ASSERT_TRUE(v->unlink(d->ino, nm('f', i - 2)));
+          }
+        }
+      });
+    }
+    for (auto& th : threads) th.join();
+    ASSERT_TRUE(v->sync_wait());
+  }
+  for (int pass = 0; pass < 2; ++pass) {
+    auto v = std::move(Volume::mount(path, m).value());
+    for (int t = 0; t < 4; ++t) {
+      auto d = v->lookup(kRootIno, nm('d', t));
+      ASSERT_TRUE(d);
+      for (int i = 0; i < 400; ++i) {
+        auto f = v->lookup(d->ino, nm('f', i));
+        bool removed = i % 5 == 2 && i + 2 < 400;
+        ASSERT_EQ(bool(f), !removed) << t << "/" << i;
+        if (!f) continue;
+        std::string want = nm('c', t * 1000 + i);
+        std::string got(want.size(), '\0');
+        ASSERT_TRUE(v->read(f->ino, uint64_t(i) * 512, got.data(), got.size()));
+        EXPECT_EQ(got, want);
+        char x[16];
+        auto n = v->getxattr(f->ino, "user.n", x, sizeof x);
+        ASSERT_TRUE(n);
+        EXPECT_EQ(std::string(x, *n), want);
+      }
+    }
+  }
+  auto report = fsck(path, FsckOptions{});
+  ASSERT_TRUE(report);
+  EXPECT_TRUE(report->problems.empty()) << report->problems.front();
+}
+
 // --- DAX mappings ---------------------------------------------------------------------------
 
 TEST_P(VolumeTest, MappingsFillHolesPinBlocksAndBlockCuts) {

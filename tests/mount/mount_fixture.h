@@ -100,7 +100,8 @@ class Mount {
       _exit(127);
     }
     // Mounted when the mount point's filesystem type turns into FUSE's.
-    for (int i = 0; i < 1000; ++i) {
+    // Up to a minute: a terabyte image under the sanitizers takes its time.
+    for (int i = 0; i < 6000; ++i) {
       struct statfs sf {};
       if (::statfs(dir_.c_str(), &sf) == 0 && sf.f_type == 0x65735546) {
         mounted_ = true;
