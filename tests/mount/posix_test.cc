@@ -484,6 +484,33 @@ TEST_F(Posix, AclsAreEnforcedAndInherited) {
   EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0);
 }
 
+// A full volume: writes fail with ENOSPC, what is stored stays, and deleting makes room again.
+TEST(PosixFull, EnospcThenRoomAgain) {
+  Mount m("full", {}, "24M");
+  ASSERT_TRUE(m.mounted());
+  spit(m.path("keep"), "kept through it all");
+  std::string chunk(1 << 20, 'f');
+  int n = 0;
+  int error = 0;
+  for (; n < 64 && error == 0; ++n) {
+    int fd = ::open(m.path("fill" + std::to_string(n)).c_str(), O_WRONLY | O_CREAT, 0644);
+    ASSERT_GE(fd, 0);
+    ssize_t w = ::write(fd, chunk.data(), chunk.size());
+    if (w < 0) {
+      error = errno;
+    } else if (size_t(w) < chunk.size() && ::write(fd, chunk.data(), chunk.size()) < 0) {
+      error = errno;  // a short write first, then the error
+    }
+    ::close(fd);
+  }
+  EXPECT_EQ(error, ENOSPC) << "after " << n << " MiB";
+  EXPECT_EQ(slurp(m.path("keep")), "kept through it all");
+  for (int i = 0; i < n; ++i) ::unlink(m.path("fill" + std::to_string(i)).c_str());
+  spit(m.path("after"), chunk);
+  EXPECT_EQ(slurp(m.path("after")).size(), chunk.size()) << "the space came back";
+  EXPECT_EQ(m.unmount(), 0) << "fsck.vpmfs -n after filling the volume";
+}
+
 // A terabyte image, sparse, and a file reaching past its first terabyte.
 TEST(PosixLarge, TerabyteImageAndFile) {
   Mount m("terabyte", {}, "1T");
