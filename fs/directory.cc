@@ -305,6 +305,9 @@ Status VolumeImpl::readdir(uint64_t ino, uint64_t offset,
     Status s = walk_records(p, bs_, [&](uint32_t off, const DirRecordHeader& h) {
       uint64_t here = b * bs_ + off;
       if (here < pos || h.ino == 0) return true;
+      // A name longer than its record is damage (fsck.vpmfs repairs it): passed over, as the
+      // name index passes over it, so that no name is read past its record or the block.
+      if (h.name_len == 0 || sizeof h + h.name_len > h.rec_len) return true;
       DirEntry e{std::string(reinterpret_cast<const char*>(p + off + sizeof h), h.name_len), h.ino,
                  h.type, here + h.rec_len + 3};
       more = emit(e);

@@ -49,7 +49,8 @@ struct KillLogHalf {
   char magic[8];        // "VPMFSKIL"
   uint8_t boot_id[16];  // /proc/sys/kernel/random/boot_id of the writer
   uint64_t txn;         // the transaction whose checkpoints follow
-  uint64_t reserved[3];
+  uint64_t nonce;       // random, new at every start; seeds the records' checksums with txn
+  uint64_t reserved[2];
   uint64_t checksum;  // xxhash64 of the 56 bytes above
 };
 static_assert(sizeof(KillLogHalf) == 64);

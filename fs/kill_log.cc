@@ -1,5 +1,7 @@
 #include "kill_log.h"
 
+#include <sys/random.h>
+
 #include <algorithm>
 #include <cstdio>
 #include <cstring>
@@ -57,7 +59,7 @@ KillImages read_kill_log(const Region& r, uint64_t offset, uint64_t size, uint32
   if (size == 0 || !r.contains(offset, size)) return out;
   const uint64_t half_size = size / 2;
   struct Half {
-    uint64_t txn, off;
+    uint64_t txn, off, nonce;
   };
   std::vector<Half> halves;
   for (int i = 0; i < 2; ++i) {
@@ -68,7 +70,7 @@ KillImages read_kill_log(const Region& r, uint64_t offset, uint64_t size, uint32
         h.txn % 2 != uint64_t(i)) {
       continue;
     }
-    halves.push_back({h.txn, offset + i * half_size});
+    halves.push_back({h.txn, offset + i * half_size, h.nonce});
   }
   std::sort(halves.begin(), halves.end(),
             [](const Half& a, const Half& b) { return a.txn < b.txn; });
@@ -89,7 +91,7 @@ KillImages read_kill_log(const Region& r, uint64_t offset, uint64_t size, uint32
       const std::byte* img = lba_bytes + align64(rec.count * 8);
       KillRecord zeroed = rec;
       zeroed.checksum = 0;
-      uint64_t sum = xxhash64(&zeroed, sizeof zeroed, h.txn);
+      uint64_t sum = xxhash64(&zeroed, sizeof zeroed, h.txn ^ h.nonce);
       sum = xxhash64(lba_bytes, rec.count * 8, sum);
       for (uint32_t i = 0; i < rec.count; ++i) sum = xxhash64(img + uint64_t(i) * bs, bs, sum);
       if (sum != rec.checksum) break;
@@ -116,6 +118,10 @@ void KillLog::start(uint64_t txn) {
   std::memcpy(h.magic, kKillLogMagic, 8);
   std::memcpy(h.boot_id, boot_.data(), boot_.size());
   h.txn = txn;
+  // Transaction numbers start again from an empty journal (after mkfs, or fsck): records an
+  // earlier start left in this half, behind the new ones, must not pass for them.
+  if (getrandom(&nonce_, sizeof nonce_, 0) != ssize_t(sizeof nonce_)) ++nonce_;
+  h.nonce = nonce_;
   h.checksum = half_checksum(h);
   r_.write(half(txn), &h, sizeof h);
   txn_ = txn;
@@ -134,7 +140,7 @@ bool KillLog::append(const std::vector<uint64_t>& lbas,
   rec.txn = txn_;
   rec.seq = seq_ + 1;
   rec.count = uint32_t(lbas.size());
-  uint64_t sum = xxhash64(&rec, sizeof rec, txn_);
+  uint64_t sum = xxhash64(&rec, sizeof rec, txn_ ^ nonce_);
   sum = xxhash64(lbas.data(), lbas.size() * 8, sum);
   r_.write(at + sizeof rec, lbas.data(), lbas.size() * 8);
   uint64_t img_at = at + sizeof rec + align64(lbas.size() * 8);

@@ -57,6 +57,7 @@ class KillLog {
   uint32_t bs_;
   BootId boot_;
   uint64_t txn_ = 0;
+  uint64_t nonce_ = 0;  // of the running half: records of an earlier start fail its checksums
   uint64_t seq_ = 0;
   uint64_t used_ = 0;  // bytes of the half in use, header included
 };

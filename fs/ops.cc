@@ -925,6 +925,9 @@ void VolumeImpl::map_walk(const Inode& inode, uint64_t lo, uint64_t hi,
       [&](uint64_t p, int level, uint64_t base, uint64_t span) -> bool {
     uint64_t a = std::max(base, lo), b = std::min(base + span, hi);
     if (a >= b) return true;
+    // A pointer outside the data area is damage (fsck.vpmfs clears it): nothing under it is
+    // this file's, so nothing under it is read, freed or counted.
+    if (p != 0 && (p < sb_.data_start || p >= sb_.block_count)) p = 0;
     if (p == 0) return fn(MapRun{a, b - a, 0, level, base});  // a whole missing subtree at once
     if (level == 0) return fn(MapRun{a, 1, p, 0, base});
     uint64_t child = span / per;

@@ -277,7 +277,7 @@ Status VolumeImpl::load(const std::string& image, const MountOptions& o) {
   }
   const uint64_t n = btt_->sector_count();
   bool sane = sb_.version == kFsVersion && sb_.block_size == bs_ && sb_.block_count == n &&
-              sb_.journal_start == 1 && sb_.journal_blocks >= 8 &&
+              sb_.journal_start == 1 && sb_.journal_blocks >= 8 && sb_.journal_blocks < n &&
               sb_.block_bitmap_start == sb_.journal_start + sb_.journal_blocks &&
               sb_.block_bitmap_blocks == ceil_div(n, uint64_t(bs_) * 8) &&
               sb_.inode_bitmap_start == sb_.block_bitmap_start + sb_.block_bitmap_blocks &&
@@ -358,10 +358,12 @@ Status VolumeImpl::replay_journal() {
       d.header_checksum != xxhash64(&d, offsetof(JournalDescriptor, header_checksum))) {
     return Status::ok();  // empty journal
   }
-  uint64_t desc_blocks = ceil_div(sizeof d + d.count * 8, bs_);
-  if (d.count == 0 || desc_blocks + d.count > sb_.journal_blocks) {
+  // count first: 40 + 8 * count, and desc_blocks + count, wrap around for the largest counts.
+  if (d.count == 0 || d.count > sb_.journal_blocks ||
+      ceil_div(sizeof d + d.count * 8, bs_) + d.count > sb_.journal_blocks) {
     return Status(EUCLEAN, "journal descriptor is damaged (count " + std::to_string(d.count) + ")");
   }
+  uint64_t desc_blocks = ceil_div(sizeof d + d.count * 8, bs_);
   sequence_ = d.sequence;
   std::vector<std::byte> desc(desc_blocks * bs_);
   for (uint64_t i = 0; i < desc_blocks; ++i) {
@@ -482,9 +484,10 @@ Status VolumeImpl::free_orphans() {
   for (uint64_t guard = 0; sb_.orphan_head != 0; ++guard) {
     uint64_t ino = sb_.orphan_head;
     auto inode = iget(ino);
-    if (!inode) return inode.status();
-    if (guard >= sb_.inode_count || inode->mode == 0) {
-      return Status(EUCLEAN, "the orphan chain is damaged; run fsck.vpmfs");
+    // Not in use: the chain names a free inode, or loops back to one freed above.
+    if (!inode || guard >= sb_.inode_count || inode->mode == 0) {
+      return Status(EUCLEAN, "the orphan chain is damaged (at inode " + std::to_string(ino) +
+                                 "); run fsck.vpmfs");
     }
     uint64_t keep = inode->nlink > 0 ? ceil_div(inode->size, bs_) : 0;
     if (Status s = free_blocks_from(ino, keep, lock); !s) return s;
@@ -787,6 +790,10 @@ Result<uint64_t> VolumeImpl::bmap(Inode& inode, uint64_t fb, bool allocate, bool
       cur = inode.ptr[index];
     } else {
       std::memcpy(&cur, meta(holder) + index * 8, 8);
+    }
+    if (cur != 0 && (cur < sb_.data_start || cur >= sb_.block_count)) {
+      // Following it would read metadata as file data, and write file data over metadata.
+      return Status(EUCLEAN, "a block map points outside the data area; run fsck.vpmfs");
     }
     if (cur == 0) {
       if (!allocate) return uint64_t(0);

@@ -43,6 +43,11 @@ int main(int argc, char** argv) {
   } else if (!options.repair) {
     std::printf("%s: %zu problems found; run fsck.vpmfs -y to repair\n", image.c_str(),
                 report->problems.size());
+  } else if (report->remaining.empty()) {
+    std::printf("%s: %zu problems found and repaired\n", image.c_str(), report->problems.size());
+  } else {
+    std::printf("%s: %zu problems found, %zu not repaired\n", image.c_str(),
+                report->problems.size(), report->remaining.size());
   }
   return report->exit_code();
 }
