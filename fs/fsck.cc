@@ -1371,6 +1371,7 @@ class Checker {
 Result<FsckReport> fsck(const std::string& image, const FsckOptions& options) {
   RegionOptions ro;
   ro.read_only = !options.repair;
+  ro.lock_wait_ms = options.lock_wait_ms;
   ro.mode = PersistMode::writeback;
   if (ro.read_only) ro.mode.reset();
   auto region = Region::open(image, ro);

@@ -27,6 +27,7 @@ int main(int argc, char** argv) {
     return 16;
   }
   vpmfs::FsckOptions options;
+  options.lock_wait_ms = 5000;  // `umount` returns before the daemon lets the image go
   options.repair = yes || preen;
   auto report = vpmfs::fsck(image, options);
   if (!report) {

@@ -18,6 +18,9 @@ struct FsckOptions {
   // The boot to check for (default: the kernel's boot_id): checkpoints a daemon killed on this
   // boot left in the kill log are part of the state to check, as the next mount replays them.
   std::optional<std::array<uint8_t, 16>> boot_id;
+  // Wait this long for the image lock (RegionOptions::lock_wait_ms): a daemon just unmounted
+  // may still be making its final commit.
+  uint32_t lock_wait_ms = 0;
 };
 
 struct FsckReport {
