@@ -6,6 +6,8 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "vpmfs/checksum.h"
+
 namespace vpmfs::fsfmt {
 
 // --- image header (region offset 0, 4096 bytes) ------------------------------------------------
@@ -202,5 +204,18 @@ struct JournalDescriptor {
   // then `count` home LBAs (uint64_t), filling the rest of the descriptor block(s)
 };
 static_assert(sizeof(JournalDescriptor) == 40);
+
+// Checksums of the structures above: xxhash64 of a copy with the checksum field zero.
+inline uint64_t inode_checksum(const Inode& inode, uint64_t ino) {
+  Inode copy = inode;
+  copy.checksum = 0;
+  return xxhash64(&copy, sizeof copy, ino);
+}
+
+inline uint64_t super_checksum(const Superblock& sb) {
+  Superblock copy = sb;
+  copy.checksum = 0;
+  return xxhash64(&copy, sizeof copy);
+}
 
 }  // namespace vpmfs::fsfmt

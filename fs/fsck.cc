@@ -73,18 +73,6 @@ uint32_t type_of_dt(uint8_t dt) {
   return dt != DT_UNKNOWN && valid_type(mode) ? mode : 0;
 }
 
-uint64_t inode_checksum(const Inode& in, uint64_t ino) {
-  Inode copy = in;
-  copy.checksum = 0;
-  return xxhash64(&copy, sizeof copy, ino);
-}
-
-uint64_t super_checksum(const Superblock& sb) {
-  Superblock copy = sb;
-  copy.checksum = 0;
-  return xxhash64(&copy, sizeof copy);
-}
-
 class Checker {
  public:
   Checker(Region& region, bool repair, FsckReport& report)

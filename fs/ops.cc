@@ -486,11 +486,7 @@ Status VolumeImpl::rename(uint64_t parent, std::string_view name, uint64_t new_p
 Result<Attr> VolumeImpl::setattr(uint64_t ino, const SetAttr& c) {
   KillPoint kill_point{this};
   VPMFS_WRITABLE();
-  Node* n;
-  {
-    Lock lock(mu_);
-    n = &node(ino);
-  }
+  Node* n = locked_node(ino);
   std::unique_lock io(n->io, std::defer_lock);
   if (c.size) io.lock();  // no read or write of this file while its size changes
   Lock lock(mu_);
@@ -558,11 +554,7 @@ Result<Attr> VolumeImpl::setattr(uint64_t ino, const SetAttr& c) {
 }
 
 Result<std::size_t> VolumeImpl::read(uint64_t ino, uint64_t offset, void* buf, std::size_t len) {
-  Node* n;
-  {
-    Lock lock(mu_);
-    n = &node(ino);
-  }
+  Node* n = locked_node(ino);
   std::shared_lock io(n->io);
   std::vector<uint64_t> lbas;
   {
@@ -605,11 +597,7 @@ Result<std::size_t> VolumeImpl::write(uint64_t ino, uint64_t offset, const void*
   VPMFS_WRITABLE();
   if (len == 0) return std::size_t(0);
   if (offset >= kMaxFileSize || len > kMaxFileSize - offset) return Status(EFBIG, "file too large");
-  Node* n;
-  {
-    Lock lock(mu_);
-    n = &node(ino);
-  }
+  Node* n = locked_node(ino);
   std::unique_lock io(n->io);
   // In pieces that each change a handful of metadata blocks, with room made in the journal
   // before each: one large write never outgrows the journal. A crash part way keeps a prefix.
@@ -1033,11 +1021,7 @@ Status VolumeImpl::fallocate(uint64_t ino, int mode, uint64_t offset, uint64_t l
   if ((mode & kPunch) && !(mode & kKeep)) {
     return Status(EOPNOTSUPP, "FALLOC_FL_PUNCH_HOLE needs FALLOC_FL_KEEP_SIZE");
   }
-  Node* n;
-  {
-    Lock lock(mu_);
-    n = &node(ino);
-  }
+  Node* n = locked_node(ino);
   // No read or write of this file meanwhile: blocks come and go under them.
   std::unique_lock io(n->io);
   {
@@ -1238,11 +1222,7 @@ Status VolumeImpl::fallocate_punch(uint64_t ino, uint64_t offset, uint64_t end) 
 
 Result<uint64_t> VolumeImpl::seek_data(uint64_t ino, uint64_t offset, int whence) {
   if (whence != SEEK_DATA && whence != SEEK_HOLE) return Status(EINVAL, "whence not supported");
-  Node* n;
-  {
-    Lock lock(mu_);
-    n = &node(ino);
-  }
+  Node* n = locked_node(ino);
   std::shared_lock io(n->io);
   Lock lock(mu_);
   auto inode = iget(ino);

@@ -17,18 +17,6 @@ using namespace fsfmt;
 
 namespace {
 
-uint64_t inode_checksum(const Inode& inode, uint64_t ino) {
-  Inode copy = inode;
-  copy.checksum = 0;
-  return xxhash64(&copy, sizeof copy, ino);
-}
-
-uint64_t super_checksum(const Superblock& sb) {
-  Superblock copy = sb;
-  copy.checksum = 0;
-  return xxhash64(&copy, sizeof copy);
-}
-
 uint64_t header_checksum(const ImageHeader& h) {
   ImageHeader copy = h;
   copy.checksum = 0;

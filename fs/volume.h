@@ -132,6 +132,11 @@ class VolumeImpl final : public Volume {
   Result<uint64_t> ialloc();
   void ifree(uint64_t ino);
   Node& node(uint64_t ino);
+  // node(ino), taking mu_ for the lookup: for calls that then lock the node's io first.
+  Node* locked_node(uint64_t ino) {
+    Lock lock(mu_);
+    return &node(ino);
+  }
   // Blocks.
   Result<uint64_t> balloc();
   void bfree(uint64_t lba);

@@ -253,6 +253,7 @@ CutRecording record_cuts(const std::string& path, PersistMode mode, uint64_t see
   mo.force_persistent = true;
   mo.boot_id = kWorkloadBoot;
   mo.max_transaction_blocks = 6;  // a commit every few pieces
+  mo.cache_blocks = 16;            // and the metadata cache dropped after each
   auto v = std::move(Volume::mount(path, mo).value());
   CutRecording rec;
   rec.big = content(seed, 3 << 20);
@@ -392,6 +393,7 @@ KillRecording record_kill_workload(const std::string& path, PersistMode mode, in
   mo.force_persistent = true;
   mo.boot_id = kWorkloadBoot;
   mo.commit_interval_ms = 3600 * 1000;  // only the calls below commit
+  mo.cache_blocks = 16;                 // metadata read back from the BTT after each commit
   auto v = std::move(Volume::mount(path, mo).value());
   KillRecording rec;
   rec.recorder = std::make_unique<CrashRecorder>(v->region());
