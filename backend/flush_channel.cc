@@ -51,8 +51,8 @@ void FlushChannel::submit(Callback callback) {
   // An idle channel sends the flush from the submitter's thread: no hand-off, no wake-up.
   if (!flushing_ && !gathering_) {
     start_flush(lock);
-  } else if (gathering_) {
-    idle_cv_.notify_all();
+  } else if (gathering_ && pending_.size() >= gather_target_) {
+    idle_cv_.notify_all();  // the whole group is back
   }
 }
 
@@ -187,18 +187,23 @@ void FlushChannel::run() {
     // Until the batch's callbacks have run and its submitters had a moment to come back, new
     // requests wait: starting a flush for the first of them would split the group in two.
     gathering_ = batch.size() > 1;
+    gather_target_ = batch.size();
     lock.unlock();
 
     RegionObserver* observer = region_->observer();
     if (observer != nullptr && observed) observer->device_flush_end(error == 0);
+    uint64_t t_cb = now_ns();
     for (auto& callback : batch) callback(status);
+    uint64_t t_cb_end = now_ns();
 
     lock.lock();
+    stats_.callback_ns += t_cb_end - t_cb;
     if (gathering_) {
       uint64_t window = std::clamp<uint64_t>(elapsed / 4, 5'000, 250'000);
       idle_cv_.wait_for(lock, std::chrono::nanoseconds(window),
-                        [&] { return stopping_ || pending_.size() >= batch.size(); });
+                        [&] { return stopping_ || pending_.size() >= gather_target_; });
       gathering_ = false;
+      stats_.gather_ns += now_ns() - t_cb_end;
     }
     if (!flushing_ && !pending_.empty()) start_flush(lock);
     idle_cv_.notify_all();

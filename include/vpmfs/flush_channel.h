@@ -43,8 +43,10 @@ class FlushChannel {
     uint64_t clean_batches = 0;     // batches served without a device flush (nothing dirty)
     uint64_t failed_flushes = 0;
     uint64_t max_batch = 0;
-    uint64_t flush_ns = 0;  // time spent in device flushes
-    int last_error = 0;     // errno of the last failed flush
+    uint64_t flush_ns = 0;     // time spent in device flushes
+    uint64_t callback_ns = 0;  // time spent running completion callbacks
+    uint64_t gather_ns = 0;    // time spent waiting for a served batch's submitters to come back
+    int last_error = 0;        // errno of the last failed flush
     std::string last_error_message;
     bool failed = false;
     double requests_per_flush() const {
@@ -91,6 +93,7 @@ class FlushChannel {
   bool flushing_ = false;            // a device flush (or NOP stand-in) is in the ring
   bool starting_ = false;            // the flush is being sent; the ring's SQ is in use
   bool gathering_ = false;           // waiting for the last batch's submitters to come back
+  size_t gather_target_ = 0;         // ... until this many requests are pending
   bool device_flush_ = false;        // the in-flight request is a real fdatasync
   int in_flight_error_ = 0;          // errno to report for the in-flight batch (injected)
   uint64_t flush_started_ns_ = 0;
