@@ -3,7 +3,6 @@
 #include <algorithm>
 #include <chrono>
 #include <cstring>
-#include <future>
 
 #include "vpmfs/region.h"
 
@@ -46,21 +45,36 @@ void FlushChannel::submit(Callback callback) {
     callback(Status(ESHUTDOWN, "flush channel is shut down"));
     return;
   }
-  ++stats_.requests;
   pending_.push_back(std::move(callback));
+  queued(lock);
+}
+
+Status FlushChannel::wait() {
+  std::unique_lock lock(mu_);
+  if (stopping_) return Status(ESHUTDOWN, "flush channel is shut down");
+  // Served by the next batch to start; its completion wakes every waiter of it at once.
+  uint64_t batch = started_ + 1;
+  ++pending_waiters_;
+  queued(lock);
+  done_cv_.wait(lock, [&] { return finished_ >= batch; });
+  return batch_status(batch);
+}
+
+void FlushChannel::queued(std::unique_lock<std::mutex>& lock) {
+  ++stats_.requests;
   // An idle channel sends the flush from the submitter's thread: no hand-off, no wake-up.
   if (!flushing_ && !gathering_) {
     start_flush(lock);
-  } else if (gathering_ && pending_.size() >= gather_target_) {
+  } else if (gathering_ && pending_count() >= gather_target_) {
     idle_cv_.notify_all();  // the whole group is back
   }
 }
 
-Status FlushChannel::wait() {
-  std::promise<Status> done;
-  auto result = done.get_future();
-  submit([&done](const Status& s) { done.set_value(s); });
-  return result.get();
+Status FlushChannel::batch_status(uint64_t batch) const {
+  if (batch < failed_from_) return Status::ok();
+  if (batch == failed_from_) return Status(EIO, stats_.last_error_message);
+  return Status(EIO, "flush channel failed earlier (" + stats_.last_error_message +
+                         "); nothing is reported durable any more");
 }
 
 void FlushChannel::shutdown() {
@@ -68,7 +82,7 @@ void FlushChannel::shutdown() {
   if (stopped_) return;
   stopping_ = true;
   stopped_ = true;
-  idle_cv_.wait(lock, [this] { return !flushing_ && pending_.empty(); });
+  idle_cv_.wait(lock, [this] { return !flushing_ && pending_count() == 0; });
   // Nothing is in flight and nothing can start: the submission queue is ours.
   io_uring_sqe* sqe = io_uring_get_sqe(&ring_);
   io_uring_prep_nop(sqe);
@@ -95,7 +109,10 @@ void FlushChannel::start_flush(std::unique_lock<std::mutex>& lock) {
   flushing_ = true;
   starting_ = true;
   in_flight_.swap(pending_);
-  stats_.max_batch = std::max<uint64_t>(stats_.max_batch, in_flight_.size());
+  in_flight_waiters_ = pending_waiters_;
+  pending_waiters_ = 0;
+  ++started_;
+  stats_.max_batch = std::max<uint64_t>(stats_.max_batch, in_flight_.size() + in_flight_waiters_);
   int error = 0;
   if (inject_count_ > 0) {
     --inject_count_;
@@ -161,11 +178,11 @@ void FlushChannel::run() {
     uint64_t elapsed = now_ns() - flush_started_ns_;
     if (device && res < 0 && error == 0) error = -res;
     bool observed = device || error > 0;
-    Status status;
-    if (error == kFailedEarlier) {
-      status = Status(EIO, "flush channel failed earlier (" + stats_.last_error_message +
-                               "); nothing is reported durable any more");
-    } else if (error > 0) {
+    size_t served = in_flight_.size() + in_flight_waiters_;
+    size_t waiters = in_flight_waiters_;
+    uint64_t number = started_;  // once flushing_ is off, a submitter may start the next
+    in_flight_waiters_ = 0;
+    if (error > 0) {
       ++stats_.failed_flushes;
       stats_.last_error = error;
       stats_.last_error_message =
@@ -173,11 +190,12 @@ void FlushChannel::run() {
                   : "injected device flush failure: ") +
           std::strerror(error);
       failed_.store(true, std::memory_order_release);
-      status = Status(EIO, stats_.last_error_message);
+      failed_from_ = std::min(failed_from_, number);
     }
+    Status status = batch_status(number);
     if (device) {
       ++stats_.device_flushes;
-      stats_.requests_flushed += in_flight_.size();
+      stats_.requests_flushed += served;
       stats_.flush_ns += elapsed;
     } else if (error == 0) {
       ++stats_.clean_batches;
@@ -186,12 +204,17 @@ void FlushChannel::run() {
     flushing_ = false;
     // Until the batch's callbacks have run and its submitters had a moment to come back, new
     // requests wait: starting a flush for the first of them would split the group in two.
-    gathering_ = batch.size() > 1;
-    gather_target_ = batch.size();
+    gathering_ = served > 1;
+    gather_target_ = served;
     lock.unlock();
 
     RegionObserver* observer = region_->observer();
     if (observer != nullptr && observed) observer->device_flush_end(error == 0);
+    // Only now is the batch finished: no waiter may go on before the observer saw the flush end.
+    lock.lock();
+    finished_ = number;
+    lock.unlock();
+    if (waiters > 0) done_cv_.notify_all();
     uint64_t t_cb = now_ns();
     for (auto& callback : batch) callback(status);
     uint64_t t_cb_end = now_ns();
@@ -201,11 +224,11 @@ void FlushChannel::run() {
     if (gathering_) {
       uint64_t window = std::clamp<uint64_t>(elapsed / 4, 5'000, 250'000);
       idle_cv_.wait_for(lock, std::chrono::nanoseconds(window),
-                        [&] { return stopping_ || pending_.size() >= gather_target_; });
+                        [&] { return stopping_ || pending_count() >= gather_target_; });
       gathering_ = false;
       stats_.gather_ns += now_ns() - t_cb_end;
     }
-    if (!flushing_ && !pending_.empty()) start_flush(lock);
+    if (!flushing_ && pending_count() > 0) start_flush(lock);
     idle_cv_.notify_all();
     lock.unlock();
     batch.clear();

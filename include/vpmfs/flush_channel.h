@@ -62,7 +62,8 @@ class FlushChannel {
 
   // Queues a flush request. After shutdown() the callback runs at once with ESHUTDOWN.
   void submit(Callback callback);
-  // Blocking helper for tools: submit and wait for the result.
+  // Blocking request: returns once a device flush that began after the call has completed, with
+  // its result. Waiters of one batch are woken together (one broadcast, not one wake each).
   Status wait();
   // Completes every queued request and stops the completion thread.
   void shutdown();
@@ -78,6 +79,11 @@ class FlushChannel {
   // Sends the pending batch to the device. Called with mu_ held and nothing in flight; returns
   // with the batch in flight and mu_ held.
   void start_flush(std::unique_lock<std::mutex>& lock);
+  // A request (callback or waiter) was just queued: start a flush or end the gathering.
+  void queued(std::unique_lock<std::mutex>& lock);
+  // The result reported for the batch with this number (failures latch).
+  Status batch_status(uint64_t batch) const;
+  size_t pending_count() const { return pending_.size() + pending_waiters_; }
   // The completion thread: reaps device flushes, starts the next, runs callbacks.
   void run();
 
@@ -88,14 +94,20 @@ class FlushChannel {
   // Lock order: mu_ is never held while a callback or the region observer runs.
   mutable std::mutex mu_;  // guards everything below
   std::condition_variable idle_cv_;
-  std::vector<Callback> pending_;    // queued since the in-flight flush began
-  std::vector<Callback> in_flight_;  // served by the flush in flight
-  bool flushing_ = false;            // a device flush (or NOP stand-in) is in the ring
-  bool starting_ = false;            // the flush is being sent; the ring's SQ is in use
-  bool gathering_ = false;           // waiting for the last batch's submitters to come back
-  size_t gather_target_ = 0;         // ... until this many requests are pending
-  bool device_flush_ = false;        // the in-flight request is a real fdatasync
-  int in_flight_error_ = 0;          // errno to report for the in-flight batch (injected)
+  std::condition_variable done_cv_;    // a batch with blocked waiters finished
+  std::vector<Callback> pending_;      // queued since the in-flight flush began
+  std::vector<Callback> in_flight_;    // served by the flush in flight
+  size_t pending_waiters_ = 0;         // threads blocked in wait(), queued like pending_
+  size_t in_flight_waiters_ = 0;       // ... and served by the flush in flight
+  uint64_t started_ = 0;               // batches sent; the in-flight one has this number
+  uint64_t finished_ = 0;              // batches completed
+  uint64_t failed_from_ = UINT64_MAX;  // the first batch that failed; every later one fails too
+  bool flushing_ = false;              // a device flush (or NOP stand-in) is in the ring
+  bool starting_ = false;              // the flush is being sent; the ring's SQ is in use
+  bool gathering_ = false;             // waiting for the last batch's submitters to come back
+  size_t gather_target_ = 0;           // ... until this many requests are pending
+  bool device_flush_ = false;          // the in-flight request is a real fdatasync
+  int in_flight_error_ = 0;            // errno to report for the in-flight batch (injected)
   uint64_t flush_started_ns_ = 0;
   bool stopping_ = false;
   bool stopped_ = false;

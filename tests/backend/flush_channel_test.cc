@@ -53,6 +53,18 @@ class FlushClock : public RegionObserver {
     completed = in_flight.front();
     in_flight.pop_front();
   }
+  // Stores and persists `value` at `off`; returns how many flushes had begun before.
+  uint64_t dirty(Region& region, uint64_t off, int value) {
+    std::lock_guard lock(mu);
+    region.write(off, &value, sizeof value);
+    region.persist(off, sizeof value);
+    return began;
+  }
+  // Whether a flush that began after `began_before` has completed.
+  bool served_since(uint64_t began_before) {
+    std::lock_guard lock(mu);
+    return completed > began_before;
+  }
 
   std::mutex mu;
   std::condition_variable cv;
@@ -83,21 +95,12 @@ TEST(FlushChannel, SixteenSubmittersEachServedOnceByALaterFlush) {
         int id = t * kRequests + i;
         uint64_t off = uint64_t(t) * 4096;
         std::promise<void> done;
-        uint64_t began_before;
-        {
-          std::lock_guard lock(clock.mu);
-          began_before = clock.began;
-          region->write(off, &id, sizeof id);
-          region->persist(off, sizeof id);
-        }
+        uint64_t began_before = clock.dirty(*region, off, id);
         auto me = std::this_thread::get_id();
         region->flush_channel().submit([&, id, began_before, me](const Status& s) {
           EXPECT_TRUE(s) << s.to_string();
           calls[id].fetch_add(1);
-          {
-            std::lock_guard lock(clock.mu);
-            if (clock.completed <= began_before) early.fetch_add(1);
-          }
+          if (!clock.served_since(began_before)) early.fetch_add(1);
           if (std::this_thread::get_id() == me) on_submitter_thread.fetch_add(1);
           fired.fetch_add(1);
           done.set_value();
@@ -119,6 +122,50 @@ TEST(FlushChannel, SixteenSubmittersEachServedOnceByALaterFlush) {
   EXPECT_GE(stats.device_flushes, 1u);
   EXPECT_LT(stats.device_flushes, stats.requests) << "no group commit at all";
   EXPECT_FALSE(stats.failed);
+}
+
+// Blocking waiters, mixed with callback submitters: each wait() returns only after a flush that
+// began after the call, with its result, and waiters share batches with callbacks.
+TEST(FlushChannel, SixteenBlockingWaitersEachServedByALaterFlush) {
+  TempPath path("fcwait16.img", "/tmp");
+  auto region = open_writeback(path);
+  ASSERT_TRUE(region);
+  FlushClock clock;
+  region->set_observer(&clock);
+
+  constexpr int kThreads = 16;
+  constexpr int kRequests = 40;
+  std::atomic<int> early{0};
+  std::atomic<int> failed{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < kThreads; ++t) {
+    threads.emplace_back([&, t] {
+      for (int i = 0; i < kRequests; ++i) {
+        uint64_t began_before = clock.dirty(*region, uint64_t(t) * 4096, i);
+        Status s;
+        if (t % 4 == 0) {  // a quarter submit with callbacks
+          std::promise<Status> done;
+          region->flush_channel().submit([&done](const Status& r) { done.set_value(r); });
+          s = done.get_future().get();
+        } else {
+          s = region->flush_channel().wait();
+        }
+        if (!s) failed.fetch_add(1);
+        if (!clock.served_since(began_before)) early.fetch_add(1);
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  region->flush_channel().shutdown();
+  region->set_observer(nullptr);
+
+  EXPECT_EQ(failed.load(), 0);
+  EXPECT_EQ(early.load(), 0) << "a request returned before a flush that began after it";
+  auto stats = region->flush_channel().stats();
+  EXPECT_EQ(stats.requests, uint64_t(kThreads * kRequests));
+  EXPECT_EQ(stats.requests_flushed, stats.requests) << "every request rode a device flush";
+  EXPECT_LT(stats.device_flushes, stats.requests) << "no group commit at all";
+  EXPECT_GT(stats.max_batch, 1u);
 }
 
 TEST(FlushChannel, RequestsQueuedDuringAFlushShareTheNextOne) {
@@ -177,6 +224,12 @@ TEST(FlushChannel, FailedFlushFailsEveryWaiterAndLatches) {
   channel.inject_failures(1, EIO);
   std::vector<std::promise<Status>> results(8);
   for (auto& p : results) channel.submit([&p](const Status& s) { p.set_value(s); });
+  // Blocking waiters of the same batch fail with it.
+  std::vector<std::future<Status>> waiters;
+  for (int i = 0; i < 4; ++i) {
+    waiters.push_back(std::async(std::launch::async, [&] { return channel.wait(); }));
+  }
+  while (channel.stats().requests < 13) std::this_thread::yield();
   {
     std::lock_guard lock(clock.mu);
     clock.hold = false;
@@ -185,6 +238,11 @@ TEST(FlushChannel, FailedFlushFailsEveryWaiterAndLatches) {
   first.join();
   for (auto& p : results) {
     Status s = p.get_future().get();
+    EXPECT_EQ(s.error(), EIO);
+    EXPECT_NE(s.message().find("injected"), std::string::npos) << s.message();
+  }
+  for (auto& w : waiters) {
+    Status s = w.get();
     EXPECT_EQ(s.error(), EIO);
     EXPECT_NE(s.message().find("injected"), std::string::npos) << s.message();
   }
