@@ -120,7 +120,9 @@ class Checker {
     if (replayed_super_) replayed_superblock();
     walk();
     orphans();
+    reconnect();
     settle();
+    place_lost();
     compare();
     if (repair_ && !report_.problems.empty()) {
       if (Status s = btt_->sync_wait(); !s) return s;
@@ -829,10 +831,6 @@ class Checker {
     std::map<uint64_t, std::vector<std::byte>> copies;
     // Points slot `index` of `holder` (0: the inode) at `value`, in whatever holds it now;
     // false if the inode no longer has that holder.
-    auto owns = [&](uint64_t ino, uint64_t lba) {
-      auto o = owner_.find(lba);
-      return o != owner_.end() && o->second.ino == ino;
-    };
     auto point = [&](uint64_t ino, uint64_t holder, uint64_t index, uint64_t value) {
       if (holder == 0) {
         good_.at(ino).ptr[index] = value;
@@ -849,22 +847,19 @@ class Checker {
     auto holds = [&](uint64_t ino, uint64_t holder) {
       return holder == 0 || owns(ino, holder) || copy_of_.count({ino, holder}) != 0;
     };
-    uint64_t next = sb_.data_start;
     for (const Shared& s : shared_) {
       if (!holds(s.ino, s.holder)) continue;  // below a pointer block it lost
-      while (next < sb_.block_count && owner_.count(next) != 0) ++next;
-      if (next >= sb_.block_count) {
+      uint64_t copy = allocate({s.ino, s.holder, s.index, s.kind});
+      if (copy == 0) {
         unrepaired(str("no free block left to give inode %llu its own copy of block %llu",
                        (unsigned long long)s.ino, (unsigned long long)s.lba));
         continue;
       }
-      uint64_t copy = next++;
       auto e = edits_.find({s.lba, s.ino});
       copies[copy] =
           e != edits_.end() ? e->second : std::vector<std::byte>(block(s.lba), block(s.lba) + bs_);
       copy_of_[{s.ino, s.lba}] = copy;
       point(s.ino, s.holder, s.index, copy);
-      claim(copy, {s.ino, s.holder, s.index, s.kind});
       repaired(str("inode %llu: gave it its own copy of block %llu, at block %llu",
                    (unsigned long long)s.ino, (unsigned long long)s.lba, (unsigned long long)copy));
     }
@@ -1141,6 +1136,13 @@ class Checker {
       }
       if (changed) edit(m.lba, dino) = img;
     }
+    if (dino == kRootIno) {
+      root_names_ = std::move(names);
+      root_blocks_ = std::move(blocks);
+    } else if (auto lf = root_names_.find("lost+found");
+               lf != root_names_.end() && lf->second == dino) {
+      lost_found_names_ = std::move(names);  // so that "#<inode>" names are not taken twice
+    }
   }
 
   // A non-directory met for the first time.
@@ -1180,7 +1182,11 @@ class Checker {
     }
     seen_[kRootIno] = 0;
     parent_of_[kRootIno] = kRootIno;
-    std::vector<uint64_t> queue = {kRootIno};
+    walk_from({kRootIno});
+  }
+
+  // Walks the directories in `queue`, and every directory below them, breadth-first.
+  void walk_from(std::vector<uint64_t> queue) {
     std::vector<Listing> listings;
     for (std::size_t qi = 0;;) {
       for (; qi < queue.size(); ++qi) directory(queue[qi], queue, listings);
@@ -1261,6 +1267,247 @@ class Checker {
       prev = ino;
       ino = in->next_orphan;
     }
+  }
+
+  // --- lost+found -------------------------------------------------------------------------------
+  //
+  // Inodes in use that the walk never met: their entry, or their whole directory, was lost.
+  // Each goes into /lost+found (made when missing) as "#<inode>": of a disconnected subtree only
+  // its top directory, which is then walked like any other; a file with several lost names
+  // gets one. Used means marked in the inode bitmap, valid, with a link count above 0.
+
+  void reconnect() {
+    if (seen_.count(kRootIno) == 0) return;  // the root was lost: nothing was walked
+    std::vector<uint64_t> lost;
+    std::unordered_set<uint64_t> lost_dirs;
+    const uint64_t bits = uint64_t(bs_) * 8;
+    for (uint64_t b = 0; b < sb_.inode_bitmap_blocks; ++b) {
+      const std::byte* map = block(sb_.inode_bitmap_start + b);
+      for (uint64_t bit = 0; bit < bits; ++bit) {
+        uint64_t ino = b * bits + bit;
+        if (ino >= sb_.inode_count) break;
+        if (map[bit / 8] == std::byte{0}) {
+          bit |= 7;  // a whole byte of free inodes
+          continue;
+        }
+        if (((uint8_t(map[bit / 8]) >> (bit % 8)) & 1) == 0 || ino <= kRootIno) continue;
+        if (seen_.count(ino) != 0 || bad_.count(ino) != 0) continue;
+        if (raw_inode(ino).mode == 0) continue;  // the bitmap is wrong: compare() says so
+        std::string why;
+        auto in = target(ino, DT_UNKNOWN, &why);
+        if (!in || in->nlink == 0) continue;  // garbage, or unlinked: freed
+        lost.push_back(ino);
+        if (S_ISDIR(in->mode)) lost_dirs.insert(ino);
+      }
+    }
+    if (lost.empty()) return;
+    lost_found_ = lost_found();
+    if (lost_found_ == 0) {
+      unrepaired(
+          str("%zu inodes are in no directory, and there is no free inode for a "
+              "lost+found directory to hold them",
+              lost.size()));
+      return;
+    }
+    auto link = [&](uint64_t ino, const char* what) {
+      const Inode& in = good_.at(ino);
+      problem(str("inode %llu (%s, %llu bytes) is in no directory", (unsigned long long)ino, what,
+                  (unsigned long long)in.size));
+      std::string name = "#" + std::to_string(ino);
+      if (lost_found_names_.count(name) != 0) name = unique_name(name, lost_found_names_, 255);
+      lost_found_names_[name] = ino;
+      lost_entries_.push_back({name, ino, uint8_t(IFTODT(in.mode))});
+      repaired(str("inode %llu: linked it into /%s as %s", (unsigned long long)ino,
+                   lost_found_name_.c_str(), name.c_str()));
+    };
+    // Directories first, each subtree by its top: climb the parent fields while they name a
+    // lost directory.
+    for (uint64_t ino : lost) {
+      // A directory not under the top its climb found (its own entry lost too) climbs again.
+      while (lost_dirs.count(ino) != 0 && seen_.count(ino) == 0) {
+        uint64_t top = ino;
+        std::unordered_set<uint64_t> climbed = {top};
+        for (uint64_t p = good_.at(top).parent;
+             lost_dirs.count(p) != 0 && seen_.count(p) == 0 && climbed.insert(p).second;
+             p = good_.at(top).parent) {
+          top = p;
+        }
+        link(top, "a directory");
+        std::vector<uint64_t> queue;
+        adopt(top, lost_found_, queue);
+        walk_from(std::move(queue));
+      }
+    }
+    for (uint64_t ino : lost) {
+      if (seen_.count(ino) != 0) continue;  // under a reconnected directory
+      link(ino, S_ISLNK(good_.at(ino).mode) ? "a symlink" : "a file");
+      seen_[ino] = lost_found_;
+      ++links_[ino];
+      file(ino);
+    }
+  }
+
+  // The inode of /lost+found, found or chosen for making; 0 if there is no free inode.
+  uint64_t lost_found() {
+    auto it = root_names_.find("lost+found");
+    if (it != root_names_.end() && good_.count(it->second) != 0 &&
+        S_ISDIR(good_.at(it->second).mode)) {
+      lost_found_name_ = "lost+found";
+      return it->second;
+    }
+    lost_found_name_ =
+        it == root_names_.end() ? "lost+found" : unique_name("lost+found", root_names_, 255);
+    for (uint64_t ino = kRootIno + 1; ino < sb_.inode_count; ++ino) {
+      if (seen_.count(ino) != 0 || raw_inode(ino).mode != 0) continue;
+      problem("there is no lost+found directory");
+      struct timespec now;
+      clock_gettime(CLOCK_REALTIME, &now);
+      Inode in{};
+      in.mode = S_IFDIR | 0700;
+      in.nlink = 2;
+      set_times(in, Timestamp{now.tv_sec, uint32_t(now.tv_nsec)},
+                kAtime | kMtime | kCtime | kBtime);
+      in.parent = kRootIno;
+      in.generation = uint32_t(xxhash64(&in.btime_nsec, sizeof in.btime_nsec, ino));
+      good_[ino] = in;
+      std::vector<uint64_t> no_walk;
+      adopt(ino, kRootIno, no_walk);
+      make_lost_found_ = true;
+      ++good_.at(kRootIno).nlink;
+      return ino;
+    }
+    return 0;
+  }
+
+  // Writes the entries reconnect() decided on into lost+found, in blocks of its own appended to
+  // it, and the new lost+found's entry into the root. After settle(): every block's owner is
+  // known, so a free block is one nobody owns.
+  void place_lost() {
+    if (lost_entries_.empty()) return;
+    Inode& lf = good_.at(lost_found_);
+    lf.nlink = 2 + subdirs_[lost_found_];
+    if (!repair_) return;
+    if (make_lost_found_) {
+      repaired(
+          str("made /%s (inode %llu)", lost_found_name_.c_str(), (unsigned long long)lost_found_));
+      put_inode(kRootIno);
+      if (!add_entries(kRootIno, {{lost_found_name_, lost_found_, DT_DIR}}, root_blocks_)) return;
+    }
+    add_entries(lost_found_, lost_entries_, {});
+    put_inode(lost_found_);
+  }
+
+  struct NewEntry {
+    std::string name;
+    uint64_t ino;
+    uint8_t type;
+  };
+
+  // Puts the entries in the free space of `blocks` of directory dino, and what does not fit in
+  // blocks appended to it. False (and reported) when the directory cannot grow.
+  bool add_entries(uint64_t dino, const std::vector<NewEntry>& entries,
+                   const std::vector<Mapped>& blocks) {
+    std::size_t next = 0;
+    for (const Mapped& m : blocks) {
+      if (m.fb * bs_ >= good_.at(dino).size || !owns(dino, m.lba)) continue;
+      std::vector<std::byte> img(block(m.lba), block(m.lba) + bs_);
+      bool changed = false;
+      while (next < entries.size() && insert_record(img, entries[next])) {
+        ++next;
+        changed = true;
+      }
+      if (changed) write_block(m.lba, img.data());
+    }
+    while (next < entries.size()) {
+      std::vector<std::byte> img(bs_);
+      DirRecordHeader empty{0, uint16_t(bs_), 0, 0, 0};
+      std::memcpy(img.data(), &empty, sizeof empty);
+      while (next < entries.size() && insert_record(img, entries[next])) ++next;
+      if (!append_block(dino, img)) return false;
+    }
+    return true;
+  }
+
+  // Puts a record into free space of a directory block image; false if none is big enough.
+  bool insert_record(std::vector<std::byte>& img, const NewEntry& e) const {
+    const uint32_t need = dir_record_len(e.name.size());
+    for (uint32_t off = 0; off < bs_;) {
+      DirRecordHeader h;
+      std::memcpy(&h, img.data() + off, sizeof h);
+      const uint32_t used = h.ino == 0 ? 0 : dir_record_len(h.name_len);
+      if (h.rec_len >= used + need) {
+        uint32_t at = off + used;
+        if (used != 0) {
+          DirRecordHeader shorter = h;
+          shorter.rec_len = uint16_t(used);
+          std::memcpy(img.data() + off, &shorter, sizeof shorter);
+        }
+        DirRecordHeader r{e.ino, uint16_t(h.rec_len - used), uint8_t(e.name.size()), e.type, 0};
+        std::memcpy(img.data() + at, &r, sizeof r);
+        std::memcpy(img.data() + at + sizeof r, e.name.data(), e.name.size());
+        return true;
+      }
+      off += h.rec_len;
+    }
+    return false;
+  }
+
+  bool owns(uint64_t ino, uint64_t lba) const {
+    auto o = owner_.find(lba);
+    return o != owner_.end() && o->second.ino == ino;
+  }
+
+  // A block nobody owns, claimed for `c`; 0 if the volume is full.
+  uint64_t allocate(const Claim& c) {
+    free_hint_ = std::max(free_hint_, sb_.data_start);
+    while (free_hint_ < sb_.block_count && owner_.count(free_hint_) != 0) ++free_hint_;
+    if (free_hint_ >= sb_.block_count) return 0;
+    claim(free_hint_, c);
+    return free_hint_++;
+  }
+
+  // Appends a block holding `img` to directory dino, through its direct pointers or its
+  // single-indirect block. False (and reported) when neither has room or the volume is full.
+  bool append_block(uint64_t dino, const std::vector<std::byte>& img) {
+    Inode& dir = good_.at(dino);
+    const uint64_t fb = dir.size / bs_;
+    const uint64_t per = bs_ / 8;
+    auto full = [&](const char* why) {
+      unrepaired(str("directory %llu cannot take the entries fsck must add: %s",
+                     (unsigned long long)dino, why));
+      return false;
+    };
+    if (fb >= uint64_t(kDirect) + per) return full("it is too large");
+    uint64_t lba;
+    if (fb < uint64_t(kDirect)) {
+      if (dir.ptr[fb] != 0) return full("a block is mapped past its end");
+      lba = allocate({dino, 0, fb, Claim::dir});
+      if (lba == 0) return full("no free block");
+      dir.ptr[fb] = lba;
+    } else {
+      uint64_t holder = dir.ptr[kDirect];
+      std::vector<std::byte> pointers(bs_);
+      if (holder == 0) {
+        holder = allocate({dino, 0, uint64_t(kDirect), Claim::pointer});
+        if (holder == 0) return full("no free block");
+        dir.ptr[kDirect] = holder;
+      } else {
+        if (!owns(dino, holder)) return full("its single-indirect block is not its own");
+        std::memcpy(pointers.data(), block(holder), bs_);
+      }
+      uint64_t index = fb - kDirect, present;
+      std::memcpy(&present, pointers.data() + index * 8, 8);
+      if (present != 0) return full("a block is mapped past its end");
+      lba = allocate({dino, holder, index, Claim::dir});
+      if (lba == 0) return full("no free block");
+      std::memcpy(pointers.data() + index * 8, &lba, 8);
+      write_block(holder, pointers.data());
+    }
+    write_block(lba, img.data());
+    dir.size += bs_;
+    dir.blocks = owned_[dino];
+    put_inode(dino);
+    return true;
   }
 
   // --- counts -----------------------------------------------------------------------------------
@@ -1352,6 +1599,14 @@ class Checker {
   std::unordered_map<uint64_t, uint32_t> links_;
   std::unordered_map<uint64_t, uint32_t> subdirs_;
   std::unordered_set<uint64_t> orphan_;
+  Names root_names_;                 // the root directory's entries, as the walk left them
+  Names lost_found_names_;           // those of /lost+found
+  std::vector<Mapped> root_blocks_;  // and its blocks
+  uint64_t lost_found_ = 0;          // the inode of lost+found, when something goes there
+  std::string lost_found_name_;
+  bool make_lost_found_ = false;  // ... and it must be made
+  std::vector<NewEntry> lost_entries_;
+  uint64_t free_hint_ = 0;  // allocate() looks for free blocks from here on
 };
 
 }  // namespace

@@ -495,6 +495,47 @@ class CorruptFs : public ::testing::Test {
                                     << joined(after.problems);
   }
 
+  // Frees the record naming `path` in its directory: what it named is in no directory now.
+  void lose_entry(const std::string& path) {
+    auto r = raw();
+    ASSERT_TRUE(r);
+    RawImage::Record rec = r->record(parent_of(path), base(path));
+    rec.h.ino = 0;
+    rec.h.name_len = 0;
+    rec.h.type = 0;
+    r->put_record(rec);
+  }
+  // The model's paths at or under `from` are at `to` now.
+  void moved(const std::string& from, const std::string& to) {
+    std::map<std::string, Expect> next;
+    for (auto& [path, want] : model_) {
+      if (path == from || path.rfind(from + "/", 0) == 0) {
+        next[to + path.substr(from.size())] = want;
+      } else {
+        next[path] = want;
+      }
+    }
+    model_ = std::move(next);
+  }
+  std::string lost_name(const std::string& path) { return "#" + std::to_string(ino(path)); }
+  // lost+found's entries, by name.
+  std::map<std::string, uint64_t> lost_found_entries() {
+    std::map<std::string, uint64_t> out;
+    auto v = mount();
+    EXPECT_TRUE(v) << v.status().to_string();
+    if (!v) return out;
+    auto lf = (*v)->lookup(kRootIno, "lost+found");
+    EXPECT_TRUE(lf) << lf.status().to_string();
+    if (!lf) return out;
+    EXPECT_TRUE(S_ISDIR(lf->mode));
+    EXPECT_EQ(lf->mode & 07777, 0700u);
+    (void)(*v)->readdir(lf->ino, 0, [&](const DirEntry& e) {
+      if (e.name != "." && e.name != "..") out[e.name] = e.ino;
+      return true;
+    });
+    return out;
+  }
+
   TempPath path_{"corrupt-fs.img"};
   uint32_t sector_size_ = 4096;
   std::map<std::string, Expect> model_;
@@ -1276,8 +1317,134 @@ TEST_F(CorruptFs, DirectoryBlockFullOfGarbage) {
     (void)(*v)->lookup(ino("d2"), "f");
     EXPECT_EQ(check_intact(**v, model_, {"d2"}), "");
   }
-  // d2/hard is a second name of "a", which keeps its first.
+  // d2/hard is a second name of "a", which keeps its first; f and g had only this one and go
+  // to lost+found.
+  std::string f = lost_name("d2/f"), g = lost_name("d2/g");
   expect_repaired("damaged record", {"d2"});
+  moved("d2/f", "lost+found/" + f);
+  moved("d2/g", "lost+found/" + g);
+  model_.erase("d2/hard");
+  expect_intact();
+  auto entries = lost_found_entries();
+  EXPECT_EQ(entries.size(), 2u);
+  EXPECT_EQ(entries.count(f) + entries.count(g), 2u);
+}
+
+// --- lost+found -------------------------------------------------------------------------------
+
+class LostFound : public CorruptFs {};
+
+TEST_F(LostFound, DirectoryWhoseEntryIsLostIsReconnectedWithItsSubtree) {
+  lose_entry("d1");
+  std::string name = lost_name("d1");
+  expect_repaired("is in no directory", {"d1"});
+  moved("d1", "lost+found/" + name);
+  expect_intact();  // c (with its indirect block), sub/e, longlink and d1's xattr
+  auto entries = lost_found_entries();
+  EXPECT_EQ(entries.size(), 1u);
+  EXPECT_EQ(entries.count(name), 1u);
+  auto v = mount();
+  ASSERT_TRUE(v);
+  auto lf = (*v)->lookup(kRootIno, "lost+found");
+  ASSERT_TRUE(lf);
+  EXPECT_EQ(lf->nlink, 3u) << "2 + the reconnected directory";
+  auto dot_dot = (*v)->lookup(ino("lost+found/" + name), "..");
+  ASSERT_TRUE(dot_dot) << dot_dot.status().to_string();
+  EXPECT_EQ(dot_dot->ino, lf->ino) << "the reconnected directory's parent is lost+found";
+}
+
+TEST_F(LostFound, FileWhoseEntryIsLostIsReconnected) {
+  lose_entry("b");
+  std::string name = lost_name("b");
+  expect_repaired("is in no directory", {"b"});
+  moved("b", "lost+found/" + name);
+  expect_intact();
+  EXPECT_EQ(lost_found_entries().size(), 1u);
+}
+
+TEST_F(LostFound, DirectoriesLostOneInsideTheOtherAreEachReconnected) {
+  lose_entry("d1/sub");
+  lose_entry("d1");
+  std::string d1 = lost_name("d1"), sub = lost_name("d1/sub");
+  expect_repaired("is in no directory", {"d1"});
+  moved("d1/sub", "lost+found/" + sub);
+  moved("d1", "lost+found/" + d1);
+  expect_intact();
+  EXPECT_EQ(lost_found_entries().size(), 2u);
+}
+
+TEST_F(LostFound, AnExistingLostFoundIsUsedAndItsNamesKept) {
+  std::string name = lost_name("b");
+  {
+    // A lost+found already holding a file named as the lost file will be.
+    auto v = mount();
+    ASSERT_TRUE(v) << v.status().to_string();
+    auto lf = (*v)->mkdir(kRootIno, "lost+found", 0700, 0, 0);
+    ASSERT_TRUE(lf) << lf.status().to_string();
+    model_["lost+found"] = Expect{lf->ino, 'd', "", {}};
+    auto f = (*v)->mknod(lf->ino, name, S_IFREG | 0644, 0, 0, 0);
+    ASSERT_TRUE(f);
+    std::string data = random_bytes("squatter", 1000);
+    ASSERT_TRUE((*v)->write(f->ino, 0, data.data(), data.size()));
+    model_["lost+found/" + name] = Expect{f->ino, 'f', data, {}};
+    ASSERT_TRUE((*v)->sync_wait());
+  }
+  forget_journal();
+  lose_entry("b");
+  expect_repaired("is in no directory", {"b"});
+  moved("b", "lost+found/" + name + "~1");
+  expect_intact();
+  EXPECT_EQ(lost_found_entries().size(), 2u);
+}
+
+class LostFound512 : public LostFound {
+ protected:
+  void SetUp() override {
+    sector_size_ = 512;
+    LostFound::SetUp();
+  }
+};
+
+TEST_F(LostFound512, ManyLostFilesGrowLostFoundPastItsDirectBlocks) {
+  // With 512-byte blocks a directory block holds about 20 "#<inode>" entries, so 300 lost files
+  // need lost+found's single-indirect block.
+  std::vector<std::string> names;
+  {
+    auto v = mount();
+    ASSERT_TRUE(v) << v.status().to_string();
+    auto dir = (*v)->mkdir(kRootIno, "many", 0755, 0, 0);
+    ASSERT_TRUE(dir);
+    model_["many"] = Expect{dir->ino, 'd', "", {}};
+    for (int i = 0; i < 300; ++i) {
+      std::string path = "many/f" + std::to_string(i);
+      auto f = (*v)->mknod(dir->ino, base(path), S_IFREG | 0644, 0, 0, 0);
+      ASSERT_TRUE(f) << f.status().to_string();
+      std::string data = random_bytes(path, 1 + i % 700);
+      ASSERT_TRUE((*v)->write(f->ino, 0, data.data(), data.size()));
+      model_[path] = Expect{f->ino, 'f', data, {}};
+      names.push_back(path);
+    }
+    ASSERT_TRUE((*v)->sync_wait());
+  }
+  forget_journal();
+  {
+    // The directory's inode is garbage: fsck drops it, and every file it held is lost.
+    auto r = raw();
+    r->edit(r->inode_lba(ino("many")), [&](std::byte* p) {
+      std::string junk = random_bytes("garbage", 256);
+      std::memcpy(p + r->inode_off(ino("many")), junk.data(), 256);
+    });
+  }
+  expect_repaired("is in no directory", {"many"});
+  for (const std::string& path : names) moved(path, "lost+found/" + lost_name(path));
+  model_.erase("many");
+  expect_intact();
+  EXPECT_EQ(lost_found_entries().size(), 300u);
+  auto r = raw();
+  ASSERT_TRUE(r);
+  fsfmt::Inode lf = r->inode(r->record(kRootIno, "lost+found").h.ino);
+  EXPECT_NE(lf.ptr[fsfmt::kDirect], 0u) << "lost+found did not need its single-indirect block";
+  EXPECT_GT(lf.size, uint64_t(fsfmt::kDirect) * r->bs);
 }
 
 // --- extended attribute blocks ----------------------------------------------------------------
