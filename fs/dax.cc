@@ -69,8 +69,8 @@ class Mapping final : public DaxMapping {
   std::vector<DaxExtent> extents_;
 };
 
-Result<std::unique_ptr<DaxMapping>> VolumeImpl::map(uint64_t ino, uint64_t offset,
-                                                    uint64_t length, bool synchronous) {
+Result<std::unique_ptr<DaxMapping>> VolumeImpl::map(uint64_t ino, uint64_t offset, uint64_t length,
+                                                    bool synchronous) {
   if (read_only_) return Status(EROFS, "read-only volume");
   if (!failed_) return Status(EROFS, failed_.message());
   if (synchronous && region_->mode() != PersistMode::direct) {

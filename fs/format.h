@@ -158,19 +158,21 @@ inline uint32_t dir_record_len(std::size_t name_len) {
 }
 
 // --- xattr blocks -----------------------------------------------------------------------------
-// An inode's extended attributes (POSIX ACLs among them) live in one block, Inode.xattr_block,
-// counted in Inode.blocks. It is metadata, written through the journal like directory blocks.
-// The header is followed by `count` entries back to back, each an XattrEntry, the full name
-// (namespace prefix included, no NUL), the value, and zeros up to a multiple of 8 bytes. Every
-// byte after the last entry is zero. An inode without attributes has no block.
+// An inode's extended attributes (POSIX ACLs among them) are one stream of entries back to back,
+// each an XattrEntry, the full name (namespace prefix included, no NUL), the value, and zeros up
+// to a multiple of 8 bytes. The stream lives in a chain of blocks starting at Inode.xattr_block,
+// each counted in Inode.blocks: every block has a header and carries the next `used` bytes of
+// the stream; every block but the last is full (used = bs - 40) and names the next. Metadata,
+// written through the journal like directory blocks. Every byte after `used` is zero. An inode
+// without attributes has no block.
 inline constexpr uint64_t kXattrMagic = 0x5254415853464D56ull;  // "VMFSXATR"
 
 struct XattrHeader {
   uint64_t magic;     // "VMFSXATR"
   uint64_t ino;       // the owner
-  uint32_t count;     // entries
-  uint32_t used;      // bytes of entries after the header, a multiple of 8
-  uint64_t reserved;  // zero
+  uint32_t count;     // entries of the whole stream in the first block, 0 in the others
+  uint32_t used;      // bytes of the stream after the header, a multiple of 8
+  uint64_t next;      // the next block of the chain; 0: this is the last
   uint64_t checksum;  // xxhash64 of the whole block with this field zero, seeded with the owner
 };
 static_assert(sizeof(XattrHeader) == 40);

@@ -786,42 +786,56 @@ class Checker {
     return out;
   }
 
-  // An inode's xattr block: owned by it and counted in its blocks. A damaged one (outside the
-  // data area, owned twice, failing its checksum or format) is a problem; repair drops it,
-  // with every attribute in it, rather than guess at what it held.
+  // An inode's xattr blocks, the chain from Inode.xattr_block: owned by it and counted in its
+  // blocks. A damaged chain (a block outside the data area or owned twice, failing its
+  // checksum or format, a loop) is a problem; repair drops it, with every attribute in it,
+  // rather than guess at what it held.
   void xattr_block_of(uint64_t ino, Inode& in, bool* dirty) {
-    const uint64_t lba = in.xattr_block;
-    if (lba == 0) return;
+    const uint64_t first = in.xattr_block;
+    if (first == 0) return;
+    std::vector<uint64_t> chain;
+    auto read = [&](uint64_t lba) { return in_data(lba) ? block(lba) : nullptr; };
     std::string why;
-    if (!in_data(lba)) {
-      why = "outside the data area";
-    } else if (auto entries = xattr::decode(block(lba), bs_, ino); !entries) {
+    if (auto entries = xattr::decode(read, first, bs_, ino, &chain); !entries) {
       why = entries.status().message();
-    } else if (auto o = owner_.find(lba); o != owner_.end()) {
-      problem(str("block %llu is owned by inode %llu and inode %llu", (unsigned long long)lba,
-                  (unsigned long long)o->second.ino, (unsigned long long)ino));
-      if (o->second.kind == Claim::data || o->second.kind == Claim::pointer) {
-        take(lba);  // it is this inode's xattr block by its owner field and checksum
-      } else {
-        why = str("also owned by inode %llu", (unsigned long long)o->second.ino);
+    } else {
+      for (uint64_t lba : chain) {
+        auto o = owner_.find(lba);
+        if (o != owner_.end() && o->second.kind != Claim::data &&
+            o->second.kind != Claim::pointer) {
+          why = str("block %llu is also owned by inode %llu", (unsigned long long)lba,
+                    (unsigned long long)o->second.ino);
+          break;
+        }
       }
     }
     if (why.empty()) {
-      claim(lba, {ino, 0, 0, Claim::xattr});
+      for (uint64_t i = 0; i < chain.size(); ++i) {
+        if (auto o = owner_.find(chain[i]); o != owner_.end()) {
+          problem(str("block %llu is owned by inode %llu and inode %llu",
+                      (unsigned long long)chain[i], (unsigned long long)o->second.ino,
+                      (unsigned long long)ino));
+          take(chain[i]);  // it is this inode's xattr block by its owner field and checksum
+        }
+        claim(chain[i], {ino, 0, i, Claim::xattr});
+      }
       return;
     }
     problem(str("inode %llu: xattr block %llu is damaged (%s)", (unsigned long long)ino,
-                (unsigned long long)lba, why.c_str()));
+                (unsigned long long)first, why.c_str()));
     if (!repair_) {
-      // Counted as the inode's, so that this is the one problem reported for it.
-      if (in_data(lba) && owner_.count(lba) == 0) claim(lba, {ino, 0, 0, Claim::xattr});
+      // Counted as the inode's, so that this is the one problem reported for it; not the block
+      // the chain went wrong at, unless it is the first, which the inode itself names.
+      for (std::size_t i = 0; i < chain.size() && (i == 0 || i + 1 < chain.size()); ++i) {
+        if (owner_.count(chain[i]) == 0) claim(chain[i], {ino, 0, i, Claim::xattr});
+      }
       return;
     }
     in.xattr_block = 0;
-    if (in.blocks > 0) --in.blocks;
+    in.blocks -= std::min<uint64_t>(in.blocks, std::max<std::size_t>(chain.size(), 1));
     *dirty = true;
     repaired(str("inode %llu: dropped its damaged xattr block %llu", (unsigned long long)ino,
-                 (unsigned long long)lba));
+                 (unsigned long long)first));
   }
 
   // Ownership is settled: copies for the owners that share, holes for the pointers that lost

@@ -132,7 +132,7 @@ Result<Attr> VolumeImpl::make_node(uint64_t parent, std::string_view name, uint3
   }
   if (Status s = dir_add(parent, *dir, name, *ino, IFTODT(mode)); !s) {
     truncate_blocks(inode, 0);
-    xattr_free(inode);
+    xattr_free(*ino, inode);
     ifree(*ino);
     return s;
   }
@@ -228,7 +228,7 @@ Status VolumeImpl::drop_link(uint64_t ino, Inode& inode) {
     return Status::ok();
   }
   if (Status s = truncate_blocks(inode, 0); !s) return s;
-  xattr_free(inode);
+  xattr_free(ino, inode);
   ifree(ino);
   return Status::ok();
 }
@@ -258,7 +258,9 @@ bool VolumeImpl::touch_atime(Inode& inode) {
   return true;
 }
 
-uint64_t VolumeImpl::small_file_blocks() const { return 64; }
+uint64_t VolumeImpl::small_file_blocks() const {
+  return 64;
+}
 
 Status VolumeImpl::free_blocks_from(uint64_t ino, uint64_t keep, Lock& lock) {
   const uint64_t piece = bs_ / 8;  // a pointer block's worth
@@ -294,7 +296,7 @@ void VolumeImpl::release_inode(uint64_t ino, Lock& lock) {
   auto inode = iget(ino);
   if (!inode) return;
   orphan_remove(ino, *inode);
-  xattr_free(*inode);
+  xattr_free(ino, *inode);
   ifree(ino);
 }
 
@@ -697,7 +699,8 @@ void VolumeImpl::forget(uint64_t ino, uint64_t count) {
   if (it == nodes_.end()) return;
   Node& n = *it->second;
   n.held -= std::min(n.held, count);
-  if (n.held == 0 && orphans_.count(ino) != 0 && !read_only_ && failed_.is_ok()) release_inode(ino, lock);
+  if (n.held == 0 && orphans_.count(ino) != 0 && !read_only_ && failed_.is_ok())
+    release_inode(ino, lock);
 }
 
 struct statvfs VolumeImpl::statfs() {
@@ -722,44 +725,77 @@ struct statvfs VolumeImpl::statfs() {
 
 // --- extended attributes and ACLs -------------------------------------------------------------
 
-Result<xattr::Entries> VolumeImpl::xattr_load(uint64_t ino, const Inode& inode) {
+Result<xattr::Entries> VolumeImpl::xattr_load(uint64_t ino, const Inode& inode,
+                                              std::vector<uint64_t>* chain) {
+  if (chain != nullptr) chain->clear();
   if (inode.xattr_block == 0) return xattr::Entries{};
-  if (inode.xattr_block < sb_.data_start || inode.xattr_block >= sb_.block_count) {
-    return Status(EUCLEAN, "inode " + std::to_string(ino) +
-                               " names an xattr block outside the data area; run fsck.vpmfs");
-  }
-  auto entries = xattr::decode(meta(inode.xattr_block), bs_, ino);
+  auto read = [this](uint64_t lba) -> const std::byte* {
+    return lba >= sb_.data_start && lba < sb_.block_count ? meta(lba) : nullptr;
+  };
+  auto entries = xattr::decode(read, inode.xattr_block, bs_, ino, chain);
   if (!entries) return Status(EUCLEAN, entries.status().message() + "; run fsck.vpmfs");
   return entries;
 }
 
 Status VolumeImpl::xattr_store(uint64_t ino, Inode& inode, const xattr::Entries& entries) {
   if (entries.empty()) {
-    xattr_free(inode);
+    xattr_free(ino, inode);
     return Status::ok();
   }
-  // One block per inode, as ext4 without ea_inode: what does not fit is ENOSPC.
-  if (xattr::encoded_size(entries) > bs_) {
-    return Status(ENOSPC, "no room left in the inode's extended attribute block");
+  std::size_t names = 0;
+  for (const xattr::Entry& e : entries) names += e.name.size() + 1;
+  if (names > xattr::kListMax) {
+    return Status(ENOSPC, "the names of an inode's extended attributes are limited to 64 KiB");
   }
-  std::byte* p;
-  if (inode.xattr_block == 0) {
+  const std::string stream = xattr::serialize(entries);
+  if (stream.size() > xattr::kStreamMax) {
+    return Status(ENOSPC, "an inode's extended attributes are limited to 128 KiB");
+  }
+  // The whole chain changes in one transaction: it may take a quarter of the journal.
+  const uint64_t want = xattr::chain_length(stream.size(), bs_);
+  if (want > (sb_.journal_blocks - 1) / 4) {
+    return Status(ENOSPC, "the journal of this volume holds at most " +
+                              std::to_string((sb_.journal_blocks - 1) / 4) +
+                              " blocks of one inode's extended attributes");
+  }
+  std::vector<uint64_t> chain;
+  if (auto old = xattr_load(ino, inode, &chain); !old) return old.status();
+  // New blocks first, so that ENOSPC leaves everything as it was.
+  std::vector<uint64_t> fresh;
+  while (chain.size() + fresh.size() < want) {
     auto b = balloc();
-    if (!b) return b.status();
-    inode.xattr_block = *b;
-    ++inode.blocks;
-    p = meta_new(*b);
-  } else {
-    p = meta_mut(inode.xattr_block);
+    if (!b) {
+      for (uint64_t f : fresh) bfree(f);
+      return b.status();
+    }
+    fresh.push_back(*b);
   }
-  xattr::encode(entries, p, bs_, ino);
+  for (; chain.size() > want; chain.pop_back(), --inode.blocks) bfree(chain.back());
+  const std::size_t reused = chain.size();
+  chain.insert(chain.end(), fresh.begin(), fresh.end());
+  inode.blocks += fresh.size();
+  std::vector<std::byte> image(bs_);
+  for (uint64_t i = 0; i < want; ++i) {
+    xattr::encode_block(stream, uint32_t(entries.size()), i, i + 1 < want ? chain[i + 1] : 0,
+                        image.data(), bs_, ino);
+    if (i >= reused) {
+      std::memcpy(meta_new(chain[i]), image.data(), bs_);
+    } else if (std::memcmp(meta(chain[i]), image.data(), bs_) != 0) {
+      std::memcpy(meta_mut(chain[i]), image.data(), bs_);  // only the blocks that change
+    }
+  }
+  inode.xattr_block = chain[0];
   return Status::ok();
 }
 
-void VolumeImpl::xattr_free(Inode& inode) {
-  if (inode.xattr_block == 0) return;
-  bfree(inode.xattr_block);
-  --inode.blocks;
+void VolumeImpl::xattr_free(uint64_t ino, Inode& inode) {
+  // As much of the chain as can be read: a damaged block ends it.
+  std::vector<uint64_t> chain;
+  (void)xattr_load(ino, inode, &chain);
+  for (uint64_t lba : chain) {
+    bfree(lba);
+    --inode.blocks;
+  }
   inode.xattr_block = 0;
 }
 

@@ -485,7 +485,7 @@ Status VolumeImpl::free_orphans() {
     if (inode->nlink > 0) {
       iput(ino, *inode);
     } else {
-      xattr_free(*inode);
+      xattr_free(ino, *inode);
       ifree(ino);
     }
   }

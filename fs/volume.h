@@ -110,8 +110,8 @@ class VolumeImpl final : public Volume {
   };
   // In-memory state of an inode that is in use.
   struct Node {
-    std::shared_mutex io;  // data I/O shared; size changes exclusive
-    uint64_t held = 0;     // front-end references (kernel lookups)
+    std::shared_mutex io;   // data I/O shared; size changes exclusive
+    uint64_t held = 0;      // front-end references (kernel lookups)
     uint64_t mappings = 0;  // live DaxMappings: its blocks must stay where they are
     std::unique_ptr<DirIndex> dir;
   };
@@ -173,9 +173,11 @@ class VolumeImpl final : public Volume {
   // Extended attributes: the entries of an inode's xattr block (none without one), and storing
   // them back, allocating the block for the first and freeing it with the last. ENOSPC (and
   // nothing changed) if they do not fit in one block.
-  Result<xattr::Entries> xattr_load(uint64_t ino, const fsfmt::Inode& inode);
+  // The attributes of inode `ino`; `chain` receives the blocks holding them.
+  Result<xattr::Entries> xattr_load(uint64_t ino, const fsfmt::Inode& inode,
+                                    std::vector<uint64_t>* chain = nullptr);
   Status xattr_store(uint64_t ino, fsfmt::Inode& inode, const xattr::Entries& entries);
-  void xattr_free(fsfmt::Inode& inode);
+  void xattr_free(uint64_t ino, fsfmt::Inode& inode);
   // Sets (an empty value: removes) system.posix_acl_access or _default, keeping the mode's
   // permission bits in step with an access ACL. Changes inode; the caller puts it.
   Status acl_set(uint64_t ino, fsfmt::Inode& inode, xattr::Space space, std::string_view value);
@@ -242,7 +244,7 @@ class VolumeImpl final : public Volume {
   bool read_only_ = false;
   uint32_t commit_interval_ms_ = 5000;
   uint64_t max_transaction_blocks_ = 0;  // throttle's limit (0: half the journal)
-  uint64_t cache_limit_ = 16384;          // metadata blocks kept in memory (trim_cache)
+  uint64_t cache_limit_ = 16384;         // metadata blocks kept in memory (trim_cache)
   MountOptions::Atime atime_ = MountOptions::Atime::relatime;
   std::function<void(const std::string&)> on_error_;
 
@@ -269,7 +271,7 @@ class VolumeImpl final : public Volume {
   std::vector<uint64_t> freed_;              // freed since the last commit began
   std::unordered_map<uint64_t, std::unique_ptr<Node>> nodes_;
   std::unordered_set<uint64_t> orphans_;  // unlinked, not yet released
-  std::vector<uint64_t> reap_;             // unlinked, unheld, large: for reap()
+  std::vector<uint64_t> reap_;            // unlinked, unheld, large: for reap()
 
   // The committer thread: group commit of fsync/sync requests and the periodic commit.
   std::mutex commit_mu_;

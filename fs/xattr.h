@@ -6,11 +6,14 @@
 
 #include <sys/stat.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <optional>
 #include <string>
 #include <string_view>
+#include <unordered_set>
 #include <vector>
 
 #include "format.h"
@@ -66,72 +69,113 @@ inline uint64_t block_checksum(const std::byte* block, uint32_t bs, uint64_t ino
   return xxhash64(copy.data(), bs, ino);
 }
 
-// Bytes a block holding these entries needs.
-inline std::size_t encoded_size(const Entries& entries) {
-  std::size_t n = sizeof(fsfmt::XattrHeader);
+// An inode's attributes are one byte stream of entries, held by a chain of blocks (format.h):
+// each block carries up to payload(bs) bytes of it after its header.
+inline constexpr std::size_t kStreamMax = 128 * 1024;  // bytes of entries an inode may have
+inline constexpr std::size_t kListMax = 65536;         // XATTR_LIST_MAX: bytes of names + NULs
+
+inline uint32_t payload(uint32_t bs) {
+  return bs - uint32_t(sizeof(fsfmt::XattrHeader));
+}
+
+inline std::size_t stream_size(const Entries& entries) {
+  std::size_t n = 0;
   for (const Entry& e : entries) n += fsfmt::xattr_entry_len(e.name.size(), e.value.size());
   return n;
 }
 
-// Writes the block image (bs bytes); the caller has checked encoded_size(entries) <= bs.
-inline void encode(const Entries& entries, std::byte* block, uint32_t bs, uint64_t ino) {
-  std::memset(block, 0, bs);
-  uint32_t off = sizeof(fsfmt::XattrHeader);
+// Blocks of the chain that holds a stream of this many bytes.
+inline uint64_t chain_length(std::size_t stream, uint32_t bs) {
+  return std::max<uint64_t>(1, (stream + payload(bs) - 1) / payload(bs));
+}
+
+inline std::string serialize(const Entries& entries) {
+  std::string out(stream_size(entries), '\0');
+  std::size_t off = 0;
   for (const Entry& e : entries) {
     fsfmt::XattrEntry h{uint8_t(e.name.size()), 0, 0, uint32_t(e.value.size())};
-    std::memcpy(block + off, &h, sizeof h);
-    std::memcpy(block + off + sizeof h, e.name.data(), e.name.size());
-    std::memcpy(block + off + sizeof h + e.name.size(), e.value.data(), e.value.size());
+    std::memcpy(out.data() + off, &h, sizeof h);
+    std::memcpy(out.data() + off + sizeof h, e.name.data(), e.name.size());
+    std::memcpy(out.data() + off + sizeof h + e.name.size(), e.value.data(), e.value.size());
     off += fsfmt::xattr_entry_len(e.name.size(), e.value.size());
   }
-  fsfmt::XattrHeader h{fsfmt::kXattrMagic,
-                       ino,
-                       uint32_t(entries.size()),
-                       uint32_t(off - sizeof(fsfmt::XattrHeader)),
-                       0,
-                       0};
+  return out;
+}
+
+// Writes block `index` of the chain holding `stream` (bs bytes): its part of the stream, and a
+// header with `next`, and the entry count if it is the first block.
+inline void encode_block(std::string_view stream, uint32_t count, uint64_t index, uint64_t next,
+                         std::byte* block, uint32_t bs, uint64_t ino) {
+  std::memset(block, 0, bs);
+  const std::size_t from = std::min<std::size_t>(index * payload(bs), stream.size());
+  const std::size_t len = std::min<std::size_t>(payload(bs), stream.size() - from);
+  std::memcpy(block + sizeof(fsfmt::XattrHeader), stream.data() + from, len);
+  fsfmt::XattrHeader h{fsfmt::kXattrMagic, ino, index == 0 ? count : 0, uint32_t(len), next, 0};
   std::memcpy(block, &h, sizeof h);
   h.checksum = block_checksum(block, bs, ino);
   std::memcpy(block, &h, sizeof h);
 }
 
-// Parses an xattr block of inode `ino`, checking everything fsck can: magic, owner, checksum,
-// entries inside `used`, names valid and unique, zeros after the last entry. The error is
-// EUCLEAN with what is wrong.
-inline Result<Entries> decode(const std::byte* block, uint32_t bs, uint64_t ino) {
+// Parses the chain of inode `ino` that starts at block `first`, checking everything fsck can:
+// each block's magic, owner, checksum and header, the chain's length, entries inside the stream,
+// names valid and unique. `read(lba)` returns a block, or nullptr where no block of the chain
+// may be (outside the data area). `chain` receives the LBAs read, in order, also on error. The
+// error is EUCLEAN with what is wrong.
+inline Result<Entries> decode(const std::function<const std::byte*(uint64_t)>& read, uint64_t first,
+                              uint32_t bs, uint64_t ino, std::vector<uint64_t>* chain = nullptr) {
   auto damaged = [&](const std::string& why) {
     return Status(EUCLEAN, "xattr block of inode " + std::to_string(ino) + " is damaged: " + why);
   };
-  fsfmt::XattrHeader h;
-  std::memcpy(&h, block, sizeof h);
-  if (h.magic != fsfmt::kXattrMagic) return damaged("bad magic");
-  if (h.ino != ino) return damaged("it belongs to inode " + std::to_string(h.ino));
-  if (h.checksum != block_checksum(block, bs, ino)) return damaged("checksum mismatch");
-  if (h.used % 8 != 0 || h.used > bs - sizeof h || h.reserved != 0) {
-    return damaged("bad header");
+  std::vector<uint64_t> own;
+  if (chain == nullptr) chain = &own;
+  chain->clear();
+  const uint64_t max_blocks = chain_length(kStreamMax, bs);
+  std::string stream;
+  uint32_t count = 0;
+  for (uint64_t lba = first; lba != 0;) {
+    if (chain->size() == max_blocks) return damaged("its chain is too long (a loop?)");
+    const std::byte* block = read(lba);
+    if (block == nullptr)
+      return damaged("block " + std::to_string(lba) + " is outside the data area");
+    chain->push_back(lba);
+    fsfmt::XattrHeader h;
+    std::memcpy(&h, block, sizeof h);
+    const std::string where = chain->size() == 1 ? "" : " (block " + std::to_string(lba) + ")";
+    if (h.magic != fsfmt::kXattrMagic) return damaged("bad magic" + where);
+    if (h.ino != ino) return damaged("it belongs to inode " + std::to_string(h.ino) + where);
+    if (h.checksum != block_checksum(block, bs, ino)) return damaged("checksum mismatch" + where);
+    if (h.used % 8 != 0 || h.used > payload(bs) || (chain->size() > 1 && h.count != 0) ||
+        (h.next != 0 && h.used != payload(bs))) {
+      return damaged("bad header" + where);
+    }
+    if (chain->size() == 1) count = h.count;
+    stream.append(reinterpret_cast<const char*>(block) + sizeof h, h.used);
+    lba = h.next;
   }
   Entries entries;
-  const uint32_t end = uint32_t(sizeof h) + h.used;
-  uint32_t off = sizeof h;
-  for (uint32_t i = 0; i < h.count; ++i) {
+  std::unordered_set<std::string_view> names;
+  entries.reserve(std::min<std::size_t>(count, stream.size() / sizeof(fsfmt::XattrEntry)));
+  std::size_t off = 0;
+  for (uint32_t i = 0; i < count; ++i) {
     fsfmt::XattrEntry e;
-    if (off + sizeof e > end) return damaged("entry " + std::to_string(i) + " beyond the end");
-    std::memcpy(&e, block + off, sizeof e);
+    if (off + sizeof e > stream.size())
+      return damaged("entry " + std::to_string(i) + " beyond the end");
+    std::memcpy(&e, stream.data() + off, sizeof e);
     uint64_t len = fsfmt::xattr_entry_len(e.name_len, e.value_len);
-    if (e.value_len > kSizeMax || off + len > end) {
+    if (e.value_len > kSizeMax || off + len > stream.size()) {
       return damaged("entry " + std::to_string(i) + " beyond the end");
     }
     Entry x;
-    x.name.assign(reinterpret_cast<const char*>(block + off + sizeof e), e.name_len);
-    x.value.assign(reinterpret_cast<const char*>(block + off + sizeof e + e.name_len), e.value_len);
+    x.name.assign(stream.data() + off + sizeof e, e.name_len);
+    x.value.assign(stream.data() + off + sizeof e + e.name_len, e.value_len);
     if (!classify(x.name)) return damaged("entry " + std::to_string(i) + " has a bad name");
-    for (const Entry& other : entries) {
-      if (other.name == x.name) return damaged("two entries named " + x.name);
-    }
     entries.push_back(std::move(x));
-    off += uint32_t(len);
+    off += len;
   }
-  if (off != end) return damaged("entries do not fill the used bytes");
+  for (const Entry& x : entries) {
+    if (!names.insert(x.name).second) return damaged("two entries named " + x.name);
+  }
+  if (off != stream.size()) return damaged("entries do not fill the used bytes");
   return entries;
 }
 

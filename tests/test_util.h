@@ -5,7 +5,10 @@
 
 #include <atomic>
 #include <cstdio>
+#include <random>
 #include <string>
+
+#include "vpmfs/checksum.h"
 
 #ifndef VPMFS_TEST_TMP
 #define VPMFS_TEST_TMP "/dev/shm"
@@ -31,5 +34,13 @@ class TempPath {
  private:
   std::string path_;
 };
+
+// `len` bytes that depend only on `seed`.
+inline std::string random_bytes(const std::string& seed, std::size_t len) {
+  std::mt19937_64 rng(xxhash64(seed.data(), seed.size()));
+  std::string s(len, '\0');
+  for (char& c : s) c = char(rng());
+  return s;
+}
 
 }  // namespace vpmfs::test

@@ -36,6 +36,7 @@
 namespace vpmfs {
 namespace {
 
+using test::random_bytes;
 using test::TempPath;
 using ::testing::HasSubstr;
 using Block = std::vector<std::byte>;
@@ -270,13 +271,6 @@ struct Expect {
   std::map<std::string, std::string> xattrs;
 };
 
-std::string random_bytes(const std::string& seed, std::size_t len) {
-  std::mt19937_64 rng(xxhash64(seed.data(), seed.size()));
-  std::string s(len, '\0');
-  for (char& c : s) c = char(rng());
-  return s;
-}
-
 Result<uint64_t> resolve(Volume& v, const std::string& path) {
   uint64_t cur = kRootIno;
   for (std::size_t at = 0; at < path.size();) {
@@ -339,7 +333,7 @@ std::string check_intact(Volume& v, const std::map<std::string, Expect>& model,
       if (!target || *target != want.content) bad += path + ": symlink target differs\n";
     }
     for (const auto& [name, value] : want.xattrs) {
-      std::string got(4096, '\0');
+      std::string got(value.size(), '\0');
       auto n = v.getxattr(*ino, name, got.data(), got.size());
       if (!n || got.substr(0, *n) != value) bad += path + ": xattr " + name + " differs\n";
     }
@@ -1521,6 +1515,94 @@ TEST_F(CorruptFs, XattrCountBeyondTheEntries) {
   }
   model_["d2/f"].xattrs.clear();
   expect_repaired("xattr block");
+}
+
+// Attributes larger than a block: a chain of xattr blocks (format.h).
+class CorruptXattrChain : public CorruptFs {
+ protected:
+  void SetUp() override {
+    CorruptFs::SetUp();
+    {
+      auto v = mount();
+      ASSERT_TRUE(v) << v.status().to_string();
+      std::string value = random_bytes("chain", 10000);
+      ASSERT_TRUE((*v)->setxattr(ino("b"), "user.long", value.data(), value.size(), 0));
+      model_["b"].xattrs["user.long"] = value;
+      ASSERT_TRUE((*v)->sync_wait());
+    }
+    forget_journal();
+    auto r = raw();
+    ASSERT_TRUE(r);
+    for (uint64_t lba = r->inode(ino("b")).xattr_block; lba != 0;) {
+      chain_.push_back(lba);
+      fsfmt::XattrHeader h;
+      std::memcpy(&h, r->read(lba).data(), sizeof h);
+      lba = h.next;
+    }
+    ASSERT_EQ(chain_.size(), 3u) << "10000 bytes take three 4 KiB blocks";
+  }
+  // Rewrites a header field of chain block `i`, with a checksum that matches.
+  void edit_header(std::size_t i, const std::function<void(fsfmt::XattrHeader&)>& f) {
+    auto r = raw();
+    r->edit(chain_.at(i), [&](std::byte* p) {
+      fsfmt::XattrHeader h;
+      std::memcpy(&h, p, sizeof h);
+      f(h);
+      std::memcpy(p, &h, sizeof h);
+      h.checksum = xattr_sum(p, r->bs, ino("b"));
+      std::memcpy(p, &h, sizeof h);
+    });
+  }
+  void expect_dropped() {
+    {
+      auto v = mount();
+      ASSERT_TRUE(v) << v.status().to_string();
+      EXPECT_EQ((*v)->getxattr(ino("b"), "user.long", nullptr, 0).status().error(), EUCLEAN);
+      EXPECT_EQ(check_intact(**v, model_, {"b"}), "");
+    }
+    model_["b"].xattrs.clear();
+    expect_repaired("xattr block");
+  }
+  std::vector<uint64_t> chain_;
+};
+
+TEST_F(CorruptXattrChain, SoundChainIsClean) {
+  FsckReport r = run_fsck(false);
+  EXPECT_EQ(r.exit_code(), 0) << joined(r.problems);
+  expect_intact();
+}
+
+TEST_F(CorruptXattrChain, DamageInALaterBlock) {
+  {
+    auto r = raw();
+    r->edit(chain_[2], [](std::byte* p) { p[100] ^= std::byte{0x08}; });
+  }
+  expect_dropped();
+}
+
+TEST_F(CorruptXattrChain, ChainThatLoops) {
+  edit_header(2, [&](fsfmt::XattrHeader& h) {
+    h.next = chain_[0];
+    h.used = 4096 - 40;  // a full block, as a block with a successor must be
+  });
+  expect_dropped();
+}
+
+TEST_F(CorruptXattrChain, ChainIntoAFilesData) {
+  uint64_t data = raw()->inode(ino("a")).ptr[0];
+  edit_header(1, [&](fsfmt::XattrHeader& h) { h.next = data; });
+  expect_dropped();
+}
+
+TEST_F(CorruptXattrChain, LaterBlockClaimsEntries) {
+  edit_header(1, [](fsfmt::XattrHeader& h) { h.count = 1; });
+  expect_dropped();
+}
+
+TEST_F(CorruptXattrChain, ChainIntoTheInodeTable) {
+  uint64_t table = raw()->sb.inode_table_start;
+  edit_header(0, [&](fsfmt::XattrHeader& h) { h.next = table; });
+  expect_dropped();
 }
 
 TEST_F(CorruptFs, XattrBlockPointerIntoTheInodeTable) {

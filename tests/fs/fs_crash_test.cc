@@ -99,8 +99,8 @@ uint64_t crash_at_points(const CrashRecorder& recorder, CrashModel model, std::s
       std::string failure = verify(at);
       ++points;
       if (!failure.empty()) {
-        ADD_FAILURE() << to_string(model) << " crash at cut " << at << " of " << total
-                      << " (seed " << s << "): " << failure;
+        ADD_FAILURE() << to_string(model) << " crash at cut " << at << " of " << total << " (seed "
+                      << s << "): " << failure;
         return points;
       }
     }
@@ -253,7 +253,7 @@ CutRecording record_cuts(const std::string& path, PersistMode mode, uint64_t see
   mo.force_persistent = true;
   mo.boot_id = kWorkloadBoot;
   mo.max_transaction_blocks = 6;  // a commit every few pieces
-  mo.cache_blocks = 16;            // and the metadata cache dropped after each
+  mo.cache_blocks = 16;           // and the metadata cache dropped after each
   auto v = std::move(Volume::mount(path, mo).value());
   CutRecording rec;
   rec.big = content(seed, 3 << 20);
@@ -322,8 +322,9 @@ void crash_cuts(PersistMode mode, CrashModel model, uint64_t seed) {
   make_volume(path, 512);  // more pieces, more transactions
   CutRecording rec = record_cuts(path, mode, seed);
   const std::size_t stride = std::max<std::size_t>(1, rec.recorder->events() / (100 * scale()));
-  uint64_t points = crash_at_points(*rec.recorder, model, stride, 1, seed, crashed,
-                                    [&](std::size_t cut) { return verify_cuts(crashed, rec, cut); });
+  uint64_t points =
+      crash_at_points(*rec.recorder, model, stride, 1, seed, crashed,
+                      [&](std::size_t cut) { return verify_cuts(crashed, rec, cut); });
   std::printf("%s model: %llu crash points in large cuts and deletes\n", to_string(model),
               (unsigned long long)points);
   EXPECT_GE(points, 100u * scale());
@@ -406,7 +407,8 @@ KillRecording record_kill_workload(const std::string& path, PersistMode mode, in
       case 0:
       case 1: {  // create or overwrite, growing across blocks
         // Sometimes large enough that unlinking it frees the blocks in pieces.
-        std::string data = content(seed * 100 + c, 1 + rng.below(rng.below(4) == 0 ? 400000 : 12000));
+        std::string data =
+            content(seed * 100 + c, 1 + rng.below(rng.below(4) == 0 ? 400000 : 12000));
         auto a = v->lookup(kRootIno, n);
         if (!a && model.count(n) == 0) {
           a = v->mknod(kRootIno, n, S_IFREG | 0644, 0, 0, 0);
@@ -582,8 +584,8 @@ XattrRecording record_xattr_workload(const std::string& path, PersistMode mode, 
     std::string& d = next.data;
     uint64_t ino = inos[n];
     // Now and then far out, so that cutting the file back frees more blocks than one step may.
-    uint64_t off = rng.below((rng.below(6) == 0 ? 160 : 24) * bs) +
-                   (rng.below(2) == 0 ? 0 : rng.below(bs));
+    uint64_t off =
+        rng.below((rng.below(6) == 0 ? 160 : 24) * bs) + (rng.below(2) == 0 ? 0 : rng.below(bs));
     uint64_t len = 1 + rng.below((rng.below(8) == 0 ? 100 : 6) * bs);
     switch (rng.below(10)) {
       case 0:
@@ -594,10 +596,11 @@ XattrRecording record_xattr_workload(const std::string& path, PersistMode mode, 
         d.replace(off, len, data);
         break;
       }
-      case 2: {  // set an attribute, new or replaced, small or most of a block
+      case 2: {  // set an attribute, new or replaced: small, most of a block, or a chain of them
         std::string key = rng.below(2) == 0 ? "user.a" : "security.b";
-        std::string value = content(seed * 3000 + c,
-                                    rng.below(2) == 0 ? 1 + rng.below(40) : 1000 + rng.below(1500));
+        const uint64_t sizes[] = {1 + rng.below(40), 1000 + rng.below(1500),
+                                  5000 + rng.below(7000)};
+        std::string value = content(seed * 3000 + c, sizes[rng.below(3)]);
         Status s = v->setxattr(ino, key, value.data(), value.size(), 0);
         if (s) {
           next.xattrs[key] = value;
@@ -690,7 +693,7 @@ std::string verify_xattr_workload(const std::string& crashed, const XattrRecordi
       if (!v.listxattr(a->ino, names.data(), names.size())) return n + ": listxattr failed";
       for (std::size_t at = 0; at < names.size(); at += std::strlen(names.c_str() + at) + 1) {
         std::string key = names.c_str() + at;
-        std::string value(4096, '\0');
+        std::string value(65536, '\0');
         auto vs = v.getxattr(a->ino, key, value.data(), value.size());
         if (!vs) return n + ": getxattr " + key + ": " + vs.status().to_string();
         value.resize(*vs);
@@ -727,9 +730,8 @@ uint64_t xattr_crash_points(PersistMode mode, CrashModel model, uint64_t seed) {
   make_volume(path);
   XattrRecording rec = record_xattr_workload(path, mode, 60, seed);
   const std::size_t stride = std::max<std::size_t>(1, rec.recorder->events() / 400);
-  return crash_at_points(*rec.recorder, model, stride, 1, seed, crashed, [&](std::size_t cut) {
-    return verify_xattr_workload(crashed, rec, cut);
-  });
+  return crash_at_points(*rec.recorder, model, stride, 1, seed, crashed,
+                         [&](std::size_t cut) { return verify_xattr_workload(crashed, rec, cut); });
 }
 
 TEST(FsCrash, XattrsFallocateAndHolesKilledDaemon) {

@@ -8,9 +8,11 @@
 #include <sys/syscall.h>
 #include <sys/sysmacros.h>
 #include <sys/wait.h>
+#include <sys/xattr.h>
 #include <linux/falloc.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstring>
 #include <memory>
 #include <fstream>
@@ -424,6 +426,35 @@ TEST_F(Posix, ReaddirUnderConcurrentCreateAndUnlink) {
   }
   stop = true;
   churn.join();
+}
+
+// Values up to XATTR_SIZE_MAX and a thousand attributes on one file, through the kernel.
+TEST_F(Posix, LargeAndManyExtendedAttributes) {
+  spit(p("x"), "x");
+  std::string big(65536, '\0');
+  for (std::size_t i = 0; i < big.size(); ++i) big[i] = char('a' + i * 7 % 26);
+  ASSERT_EQ(::setxattr(p("x").c_str(), "user.big", big.data(), big.size(), 0), 0)
+      << strerror(errno);
+  std::string got(big.size(), '\0');
+  ASSERT_EQ(::getxattr(p("x").c_str(), "user.big", got.data(), got.size()), ssize_t(big.size()));
+  EXPECT_EQ(got, big);
+  EXPECT_EQ(::setxattr(p("x").c_str(), "user.huge", big.data(), big.size() + 1, 0), -1);
+  EXPECT_EQ(errno, E2BIG);
+  ASSERT_EQ(::removexattr(p("x").c_str(), "user.big"), 0);
+  for (int i = 0; i < 1000; ++i) {
+    std::string name = "user.attribute_" + std::to_string(i);
+    std::string value = "value_" + std::to_string(i);
+    ASSERT_EQ(::setxattr(p("x").c_str(), name.c_str(), value.data(), value.size(), 0), 0)
+        << i << ": " << strerror(errno);
+  }
+  ssize_t size = ::listxattr(p("x").c_str(), nullptr, 0);
+  ASSERT_GT(size, 0);
+  std::string names(size_t(size), '\0');
+  ASSERT_EQ(::listxattr(p("x").c_str(), names.data(), names.size()), size);
+  EXPECT_EQ(std::count(names.begin(), names.end(), '\0'), 1000);
+  char value[32];
+  ASSERT_EQ(::getxattr(p("x").c_str(), "user.attribute_999", value, sizeof value), 9);
+  EXPECT_EQ(std::string(value, 9), "value_999");
 }
 
 TEST_F(Posix, AclsAreEnforcedAndInherited) {
