@@ -62,6 +62,22 @@ Result<Attr> VolumeImpl::lookup(uint64_t parent, std::string_view name) {
   return to_attr(*ino, *inode);
 }
 
+Inode VolumeImpl::new_inode(uint64_t ino, uint32_t mode, uint32_t uid, uint32_t gid,
+                            const Inode& dir) {
+  Inode inode{};
+  inode.mode = mode;
+  inode.nlink = S_ISDIR(mode) ? 2 : 1;
+  inode.uid = uid;
+  // setgid directories hand their group (and, to directories, the bit) down.
+  inode.gid = (dir.mode & S_ISGID) ? dir.gid : gid;
+  if ((dir.mode & S_ISGID) && S_ISDIR(mode)) inode.mode |= S_ISGID;
+  set_times(inode, now(), kAtime | kMtime | kCtime | kBtime);
+  inode.generation = uint32_t(xxhash64(&inode.btime_nsec, sizeof inode.btime_nsec, ino));
+  // New files inherit the DAX flag of their directory, as on ext4 and xfs.
+  inode.flags = dir.flags & FS_XFLAG_DAX;
+  return inode;
+}
+
 Result<Attr> VolumeImpl::make_node(uint64_t parent, std::string_view name, uint32_t mode,
                                    uint64_t rdev, uint32_t uid, uint32_t gid,
                                    std::string_view target, uint32_t umask) {
@@ -97,19 +113,9 @@ Result<Attr> VolumeImpl::make_node(uint64_t parent, std::string_view name, uint3
   if (!masked_by_acl && !S_ISLNK(mode)) mode &= ~(umask & 0777);
   auto ino = ialloc();
   if (!ino) return ino.status();
-  Inode inode{};
-  inode.mode = mode;
-  inode.nlink = S_ISDIR(mode) ? 2 : 1;
-  inode.uid = uid;
-  // setgid directories hand their group (and, to directories, the bit) down.
-  inode.gid = (dir->mode & S_ISGID) ? dir->gid : gid;
-  if ((dir->mode & S_ISGID) && S_ISDIR(mode)) inode.mode |= S_ISGID;
+  Inode inode = new_inode(*ino, mode, uid, gid, *dir);
   inode.rdev = rdev;
-  set_times(inode, now(), kAtime | kMtime | kCtime | kBtime);
   inode.parent = S_ISDIR(mode) ? parent : 0;
-  inode.generation = uint32_t(xxhash64(&inode.btime_nsec, sizeof inode.btime_nsec, *ino));
-  // New files inherit the DAX flag of their directory, as on ext4 and xfs.
-  inode.flags = dir->flags & FS_XFLAG_DAX;
   if (S_ISLNK(mode)) {
     inode.size = target.size();
     if (target.size() <= kInlineSymlink) {
@@ -356,12 +362,14 @@ Status VolumeImpl::rmdir(uint64_t parent, std::string_view name) {
 }
 
 Status VolumeImpl::rename(uint64_t parent, std::string_view name, uint64_t new_parent,
-                          std::string_view new_name, uint32_t flags) {
+                          std::string_view new_name, uint32_t flags, uint32_t uid, uint32_t gid) {
   KillPoint kill_point{this};
   VPMFS_WRITABLE();
-  if (flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE)) return Status(EINVAL, "unknown rename flags");
-  if ((flags & RENAME_NOREPLACE) && (flags & RENAME_EXCHANGE)) {
-    return Status(EINVAL, "RENAME_NOREPLACE and RENAME_EXCHANGE together");
+  if (flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE | RENAME_WHITEOUT)) {
+    return Status(EINVAL, "unknown rename flags");
+  }
+  if ((flags & RENAME_EXCHANGE) && (flags & (RENAME_NOREPLACE | RENAME_WHITEOUT))) {
+    return Status(EINVAL, "RENAME_EXCHANGE with RENAME_NOREPLACE or RENAME_WHITEOUT");
   }
   if (Status s = name_ok(new_name); !s) return s;
   if (Status s = name_ok(name); !s) return s;
@@ -443,30 +451,47 @@ Status VolumeImpl::rename(uint64_t parent, std::string_view name, uint64_t new_p
     }
     return Status::ok();
   }
+  Result<Inode> victim = Status(ENOENT, "no target");
   if (target) {
-    auto victim = iget(*target);
+    victim = iget(*target);
     if (!victim) return victim.status();
     if (S_ISDIR(inode->mode) && !S_ISDIR(victim->mode)) return Status(ENOTDIR, "not a directory");
     if (!S_ISDIR(inode->mode) && S_ISDIR(victim->mode)) return Status(EISDIR, "is a directory");
     if (S_ISDIR(victim->mode) && !dir_empty(*target, *victim)) {
       return Status(ENOTEMPTY, "directory not empty");
     }
-    if (Status s = dir_set(new_parent, *to_dir, new_name, *ino, type); !s) return s;
+  }
+  // RENAME_WHITEOUT (overlayfs) leaves a character device 0/0 under the old name. Its inode
+  // is taken before any entry changes, so running out of inodes changes nothing.
+  std::optional<uint64_t> whiteout;
+  if (flags & RENAME_WHITEOUT) {
+    auto w = ialloc();
+    if (!w) return w.status();
+    whiteout = *w;
+  }
+  Inode& dest = parent == new_parent ? *from_dir : *to_dir;
+  Status placed = target ? dir_set(new_parent, dest, new_name, *ino, type)
+                         : dir_add(new_parent, dest, new_name, *ino, type);
+  if (!placed) {
+    if (whiteout) ifree(*whiteout);
+    return placed;
+  }
+  if (target) {
     if (S_ISDIR(victim->mode)) --to_dir->nlink;
     if (Status s = drop_link(*target, *victim); !s) return s;
-  } else {
-    if (parent == new_parent) {
-      if (Status s = dir_add(new_parent, *from_dir, new_name, *ino, type); !s) return s;
-    } else {
-      if (Status s = dir_add(new_parent, *to_dir, new_name, *ino, type); !s) return s;
-    }
   }
+  // Takes the old name out of the source directory, or hands it to the whiteout.
+  auto release_name = [&]() -> Status {
+    if (!whiteout) return dir_remove(parent, *from_dir, name);
+    iput(*whiteout, new_inode(*whiteout, S_IFCHR, uid, gid, *from_dir));
+    return dir_set(parent, *from_dir, name, *whiteout, DT_CHR);
+  };
   if (parent == new_parent) {
     // to_dir is a stale copy of the same inode: work on from_dir only.
     if (target && S_ISDIR(inode->mode)) --from_dir->nlink;
-    if (Status s = dir_remove(parent, *from_dir, name); !s) return s;
+    if (Status s = release_name(); !s) return s;
   } else {
-    if (Status s = dir_remove(parent, *from_dir, name); !s) return s;
+    if (Status s = release_name(); !s) return s;
     if (S_ISDIR(inode->mode)) {
       --from_dir->nlink;
       ++to_dir->nlink;

@@ -55,7 +55,8 @@ class VolumeImpl final : public Volume {
   Status unlink(uint64_t parent, std::string_view name) override;
   Status rmdir(uint64_t parent, std::string_view name) override;
   Status rename(uint64_t parent, std::string_view name, uint64_t new_parent,
-                std::string_view new_name, uint32_t flags) override;
+                std::string_view new_name, uint32_t flags, uint32_t uid = 0,
+                uint32_t gid = 0) override;
   Result<Attr> setattr(uint64_t ino, const SetAttr& change) override;
   Result<std::size_t> read(uint64_t ino, uint64_t offset, void* buf, std::size_t len) override;
   Result<std::size_t> write(uint64_t ino, uint64_t offset, const void* buf,
@@ -192,6 +193,9 @@ class VolumeImpl final : public Volume {
                  uint32_t type);
   bool dir_empty(uint64_t dino, fsfmt::Inode& dir);
   // mode as asked for: the umask applies unless the parent has a default ACL to inherit.
+  // A fresh inode of `mode` for ino, made in dir: owner, times, generation, inherited flags.
+  fsfmt::Inode new_inode(uint64_t ino, uint32_t mode, uint32_t uid, uint32_t gid,
+                         const fsfmt::Inode& dir);
   Result<Attr> make_node(uint64_t parent, std::string_view name, uint32_t mode, uint64_t rdev,
                          uint32_t uid, uint32_t gid, std::string_view symlink_target,
                          uint32_t umask);

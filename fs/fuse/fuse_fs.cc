@@ -268,7 +268,8 @@ void op_rmdir(fuse_req_t req, fuse_ino_t parent, const char* name) {
 
 void op_rename(fuse_req_t req, fuse_ino_t parent, const char* name, fuse_ino_t new_parent,
                const char* new_name, unsigned int flags) {
-  reply_status(req, vol(req).rename(parent, name, new_parent, new_name, flags));
+  const fuse_ctx* ctx = fuse_req_ctx(req);
+  reply_status(req, vol(req).rename(parent, name, new_parent, new_name, flags, ctx->uid, ctx->gid));
 }
 
 // DAX files (dax=always, or dax=inode and FS_XFLAG_DAX) are served without the kernel's page
@@ -588,7 +589,8 @@ void op_ioctl(fuse_req_t req, fuse_ino_t ino, unsigned int cmd, void*, fuse_file
       if (in_size < sizeof fl) return reply_status(req, Status(EINVAL, "short flags"));
       std::memcpy(&fl, in_buf, sizeof fl);
       if (fl & ~unsigned(FS_DAX_FL)) return reply_status(req, Status(EOPNOTSUPP, "only FS_DAX_FL"));
-      return reply_ioctl_status(req, v.set_xflags(ino, (fl & FS_DAX_FL) ? FS_XFLAG_DAX : 0).status());
+      return reply_ioctl_status(req,
+                                v.set_xflags(ino, (fl & FS_DAX_FL) ? FS_XFLAG_DAX : 0).status());
     }
     case VPMFS_IOC_DAX_MAP:
       return ioctl_dax_map(req, ino, fi, in_buf, in_size, out_size);
@@ -670,10 +672,10 @@ const fuse_lowlevel_ops kOps = [] {
 // FUSE_DIRECT_IO_ALLOW_MMAP at FUSE_INIT; libfuse 3.14 (Debian 12) cannot ask for it. So vpmfs
 // reads and writes /dev/fuse through libfuse's custom-I/O hooks and adds the flag to its INIT
 // reply when the kernel offered it. Without it, mmap(MAP_SHARED) of a DAX file gives ENODEV.
-constexpr uint32_t kOpInit = 26;                // FUSE_INIT
-constexpr uint32_t kInitExt = 1u << 30;         // FUSE_INIT_EXT: flags2 is valid
+constexpr uint32_t kOpInit = 26;                   // FUSE_INIT
+constexpr uint32_t kInitExt = 1u << 30;            // FUSE_INIT_EXT: flags2 is valid
 constexpr uint32_t kAllowMmap2 = 1u << (36 - 32);  // FUSE_DIRECT_IO_ALLOW_MMAP, in flags2
-std::atomic<uint64_t> g_init_unique{0};          // the INIT request, once its reply may be patched
+std::atomic<uint64_t> g_init_unique{0};  // the INIT request, once its reply may be patched
 
 ssize_t fuse_dev_read(int fd, void* buf, size_t len, void*) {
   ssize_t n = ::read(fd, buf, len);

@@ -149,9 +149,11 @@ class Volume {
   virtual Result<Attr> link(uint64_t ino, uint64_t parent, std::string_view name) = 0;
   virtual Status unlink(uint64_t parent, std::string_view name) = 0;
   virtual Status rmdir(uint64_t parent, std::string_view name) = 0;
-  // flags: 0, RENAME_NOREPLACE or RENAME_EXCHANGE.
+  // flags: 0, RENAME_NOREPLACE, RENAME_EXCHANGE or RENAME_WHITEOUT (which may come with
+  // RENAME_NOREPLACE); uid and gid own the whiteout left under the old name.
   virtual Status rename(uint64_t parent, std::string_view name, uint64_t new_parent,
-                        std::string_view new_name, uint32_t flags) = 0;
+                        std::string_view new_name, uint32_t flags, uint32_t uid = 0,
+                        uint32_t gid = 0) = 0;
   virtual Result<Attr> setattr(uint64_t ino, const SetAttr& change) = 0;
 
   virtual Result<std::size_t> read(uint64_t ino, uint64_t offset, void* buf, std::size_t len) = 0;
@@ -169,8 +171,8 @@ class Volume {
   // A missing attribute gives ENODATA. flags: 0, XATTR_CREATE or XATTR_REPLACE.
   virtual Result<std::size_t> getxattr(uint64_t ino, std::string_view name, void* buf,
                                        std::size_t size) = 0;
-  virtual Status setxattr(uint64_t ino, std::string_view name, const void* value,
-                          std::size_t size, int flags) = 0;
+  virtual Status setxattr(uint64_t ino, std::string_view name, const void* value, std::size_t size,
+                          int flags) = 0;
   // NUL-terminated names back to back, as listxattr(2).
   virtual Result<std::size_t> listxattr(uint64_t ino, char* buf, std::size_t size) = 0;
   virtual Status removexattr(uint64_t ino, std::string_view name) = 0;

@@ -344,7 +344,8 @@ TEST(FsCrash, LargeCutsAndDeletesWritebackModel) {
 // can bring the acknowledged changes back. After the kill, the volume must hold the state after
 // the last call that returned, or after the one in flight.
 
-using Tree = std::map<std::string, std::string>;  // name -> content ("/" for a directory)
+// name -> content ("/" for a directory, "%" for a whiteout: a character device 0/0)
+using Tree = std::map<std::string, std::string>;
 
 Tree tree_of(Volume& v, std::string* error) {
   std::vector<DirEntry> entries;
@@ -355,7 +356,12 @@ Tree tree_of(Volume& v, std::string* error) {
   if (!s) *error = "readdir: " + s.to_string();
   Tree t;
   for (const auto& e : entries) {
-    t[e.name] = e.type == DT_DIR ? "/" : read_all(v, e.name, error).value_or("<unreadable>");
+    if (e.type == DT_CHR) {
+      auto a = v.getattr(e.ino);
+      t[e.name] = a && a->mode == S_IFCHR && a->rdev == 0 ? "%" : "<bad device>";
+    } else {
+      t[e.name] = e.type == DT_DIR ? "/" : read_all(v, e.name, error).value_or("<unreadable>");
+    }
   }
   return t;
 }
@@ -385,6 +391,7 @@ bool torn_write(const Tree& got, const Tree& before, const Tree& after) {
 struct KillRecording {
   std::unique_ptr<CrashRecorder> recorder;
   std::vector<std::pair<std::size_t, Tree>> states;  // events when a call returned, state after
+  int whiteouts = 0;                                 // renames that left one
 };
 
 KillRecording record_kill_workload(const std::string& path, PersistMode mode, int calls,
@@ -416,7 +423,7 @@ KillRecording record_kill_workload(const std::string& path, PersistMode mode, in
           model[n] = "";  // the create is a call of its own
           rec.states.emplace_back(rec.recorder->events(), model);
         }
-        if (!a || S_ISDIR(a->mode)) break;
+        if (!a || !S_ISREG(a->mode)) break;
         EXPECT_TRUE(v->write(a->ino, 0, data.data(), data.size()));
         std::string& m = model[n];
         if (m.size() < data.size()) m.resize(data.size());
@@ -426,12 +433,18 @@ KillRecording record_kill_workload(const std::string& path, PersistMode mode, in
       case 2:
         if (model.count(n) != 0 && model[n] != "/" && v->unlink(kRootIno, n)) model.erase(n);
         break;
-      case 3: {
+      case 3: {  // a rename over another file, half of them leaving a whiteout behind
         std::string to = name('k', int(rng.below(6)));
+        uint32_t flags = rng.below(2) == 0 ? RENAME_WHITEOUT : 0;
         if (model.count(n) != 0 && model[n] != "/" && model.count(to) != 0 && model[to] != "/" &&
-            n != to && v->rename(kRootIno, n, kRootIno, to, 0)) {
+            n != to && v->rename(kRootIno, n, kRootIno, to, flags)) {
           model[to] = model[n];
-          model.erase(n);
+          if (flags == 0) {
+            model.erase(n);
+          } else {
+            model[n] = "%";
+            ++rec.whiteouts;
+          }
         }
         break;
       }
@@ -458,6 +471,7 @@ TEST(FsCrash, KilledDaemonLosesNothingAcknowledged) {
       TempPath crashed("fskill-dst.img");
       make_volume(path);
       KillRecording rec = record_kill_workload(path, mode, 60, 11 + run);
+      EXPECT_GT(rec.whiteouts, 0) << "the workload should leave whiteouts";
       std::size_t total = rec.recorder->events();
       std::size_t stride = std::max<std::size_t>(1, total / 150);
       for (std::size_t cut = 0; cut <= total; cut += stride) {

@@ -197,13 +197,64 @@ TEST_P(VolumeTest, DirectoriesLinksSymlinksRename) {
   ASSERT_TRUE(v_->rename(kRootIno, "sym", kRootIno, "moved", RENAME_EXCHANGE));
   EXPECT_TRUE(S_ISLNK(v_->lookup(kRootIno, "moved")->mode));
   EXPECT_EQ(v_->rename(kRootIno, "dir", d->ino, "inside", 0).error(), EINVAL);
-  EXPECT_EQ(v_->rename(kRootIno, "a", kRootIno, "b", 4).error(), EINVAL);
+  EXPECT_EQ(v_->rename(kRootIno, "a", kRootIno, "b", 1u << 3).error(), EINVAL);
   ASSERT_TRUE(v_->rmdir(kRootIno, "dir"));
   EXPECT_EQ(v_->getattr(kRootIno)->nlink, 2u);
   ASSERT_TRUE(v_->sync_wait());
   mount();
   EXPECT_EQ(list(kRootIno), (std::set<std::string>{".", "..", "hard", "longsym", "moved", "sym"}));
   EXPECT_EQ(v_->getattr(f)->nlink, 2u);
+}
+
+// overlayfs renames out of its upper layer with RENAME_WHITEOUT: the old name must come back
+// as a character device 0/0 owned by the caller, in the same step as the move.
+TEST_P(VolumeTest, RenameWhiteoutLeavesACharacterDeviceUnderTheOldName) {
+  auto upper = v_->mkdir(kRootIno, "upper", 0755, 0, 0);
+  ASSERT_TRUE(upper);
+  uint64_t f = create(upper->ino, "file");
+  uint64_t g = create(kRootIno, "old");
+  uint64_t free_inodes = v_->statfs().f_ffree;
+  ASSERT_TRUE(v_->rename(upper->ino, "file", kRootIno, "moved", RENAME_WHITEOUT, 1000, 100));
+  EXPECT_EQ(v_->lookup(kRootIno, "moved")->ino, f);
+  auto w = v_->lookup(upper->ino, "file");
+  ASSERT_TRUE(w);
+  EXPECT_NE(w->ino, f);
+  EXPECT_EQ(w->mode, uint32_t(S_IFCHR));
+  EXPECT_EQ(w->rdev, 0u);
+  EXPECT_EQ(w->nlink, 1u);
+  EXPECT_EQ(w->uid, 1000u);
+  EXPECT_EQ(w->gid, 100u);
+  EXPECT_EQ(v_->statfs().f_ffree, free_inodes - 1);
+  // Over an existing name the target goes, and its inode with it.
+  ASSERT_TRUE(v_->rename(kRootIno, "moved", kRootIno, "old", RENAME_WHITEOUT, 0, 0));
+  EXPECT_EQ(v_->lookup(kRootIno, "old")->ino, f);
+  EXPECT_EQ(v_->getattr(g).status().error(), ENOENT);
+  EXPECT_EQ(v_->lookup(kRootIno, "moved")->mode, uint32_t(S_IFCHR));
+  EXPECT_EQ(v_->statfs().f_ffree, free_inodes - 1);
+  // Refusals take no inode.
+  EXPECT_EQ(
+      v_->rename(kRootIno, "old", kRootIno, "moved", RENAME_WHITEOUT | RENAME_NOREPLACE).error(),
+      EEXIST);
+  EXPECT_EQ(
+      v_->rename(kRootIno, "old", kRootIno, "moved", RENAME_WHITEOUT | RENAME_EXCHANGE).error(),
+      EINVAL);
+  EXPECT_EQ(v_->rename(kRootIno, "old", kRootIno, "upper", RENAME_WHITEOUT).error(), EISDIR);
+  EXPECT_EQ(v_->statfs().f_ffree, free_inodes - 1);
+  // With no inode left for the whiteout nothing moves.
+  for (int i = 0;; ++i) {
+    auto a = v_->mknod(upper->ino, nm('x', i), S_IFREG | 0644, 0, 0, 0);
+    if (!a) {
+      ASSERT_EQ(a.status().error(), ENOSPC);
+      break;
+    }
+  }
+  EXPECT_EQ(v_->rename(kRootIno, "old", kRootIno, "new", RENAME_WHITEOUT).error(), ENOSPC);
+  EXPECT_EQ(v_->lookup(kRootIno, "old")->ino, f);
+  EXPECT_EQ(v_->lookup(kRootIno, "new").status().error(), ENOENT);
+  ASSERT_TRUE(v_->sync_wait());
+  expect_fsck_clean();
+  EXPECT_EQ(v_->lookup(upper->ino, "file")->mode, uint32_t(S_IFCHR));
+  EXPECT_EQ(v_->lookup(kRootIno, "moved")->mode, uint32_t(S_IFCHR));
 }
 
 TEST_P(VolumeTest, UnlinkedButHeldFilesLiveUntilForgotten) {

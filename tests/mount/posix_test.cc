@@ -2,24 +2,25 @@
 #include <dirent.h>
 #include <fcntl.h>
 #include <grp.h>
+#include <linux/falloc.h>
 #include <linux/fs.h>
+#include <sys/mount.h>
 #include <sys/stat.h>
 #include <sys/statvfs.h>
 #include <sys/syscall.h>
 #include <sys/sysmacros.h>
 #include <sys/wait.h>
 #include <sys/xattr.h>
-#include <linux/falloc.h>
 #include <unistd.h>
 
 #include <algorithm>
-#include <cstring>
-#include <memory>
-#include <fstream>
-#include <thread>
 #include <atomic>
+#include <cstring>
+#include <fstream>
+#include <memory>
 #include <set>
 #include <string>
+#include <thread>
 
 #include <gtest/gtest.h>
 
@@ -192,6 +193,17 @@ TEST_F(Posix, RenameFlags) {
   EXPECT_EQ(slurp(p("b")), "A");
   EXPECT_EQ(rename2(p("a"), p("none"), RENAME_EXCHANGE), ENOENT);
   EXPECT_EQ(rename2(p("a"), p("b"), RENAME_NOREPLACE | RENAME_EXCHANGE), EINVAL);
+  EXPECT_EQ(rename2(p("a"), p("b"), RENAME_WHITEOUT | RENAME_EXCHANGE), EINVAL);
+  // What overlayfs does when a file leaves its upper layer.
+  spit(p("w"), "W");
+  EXPECT_EQ(rename2(p("w"), p("w2"), RENAME_WHITEOUT), 0);
+  EXPECT_EQ(slurp(p("w2")), "W");
+  struct stat st;
+  ASSERT_EQ(::lstat(p("w").c_str(), &st), 0);
+  EXPECT_TRUE(S_ISCHR(st.st_mode));
+  EXPECT_EQ(st.st_rdev, 0u);
+  EXPECT_EQ(st.st_uid, ::getuid());
+  EXPECT_EQ(::unlink(p("w").c_str()), 0);
   EXPECT_EQ(rename2(p("a"), p("b"), 0), 0);
   EXPECT_EQ(slurp(p("b")), "B");
   EXPECT_EQ(err(::access(p("a").c_str(), F_OK)), ENOENT);
@@ -205,6 +217,56 @@ TEST_F(Posix, RenameFlags) {
   EXPECT_EQ(rename2(p("empty"), p("d1"), 0), ENOTEMPTY);
   EXPECT_EQ(rename2(p("d1") + "/d2", p("moved"), 0), 0);
   EXPECT_EQ(slurp(p("moved") + "/f"), "x");
+}
+
+// vpmfs as the upper layer of an overlay: copy-up, whiteouts for deleted lower files and
+// opaque directories all land on vpmfs (trusted.overlay.* xattrs, RENAME_WHITEOUT).
+TEST_F(Posix, OverlayUpperLayer) {
+  std::string lower = "/dev/shm/vpmfs-ovl-lower-" + std::to_string(getpid());
+  std::string merged = "/dev/shm/vpmfs-ovl-merged-" + std::to_string(getpid());
+  ASSERT_EQ(::mkdir(lower.c_str(), 0755), 0);
+  ASSERT_EQ(::mkdir((lower + "/dir").c_str(), 0755), 0);
+  ASSERT_EQ(::mkdir(merged.c_str(), 0755), 0);
+  spit(lower + "/keep", "lower keep");
+  spit(lower + "/gone", "lower gone");
+  spit(lower + "/dir/inner", "inner");
+  ASSERT_EQ(::mkdir(p("upper").c_str(), 0755), 0);
+  ASSERT_EQ(::mkdir(p("work").c_str(), 0755), 0);
+  std::string opts = "lowerdir=" + lower + ",upperdir=" + p("upper") + ",workdir=" + p("work");
+  ASSERT_EQ(::mount("overlay", merged.c_str(), "overlay", 0, opts.c_str()), 0) << strerror(errno);
+  EXPECT_EQ(slurp(merged + "/keep"), "lower keep");
+  spit(merged + "/keep", "changed", O_WRONLY | O_APPEND);  // copy-up
+  spit(merged + "/new", "new");
+  EXPECT_EQ(::unlink((merged + "/gone").c_str()), 0);
+  EXPECT_EQ(::unlink((merged + "/dir/inner").c_str()), 0);
+  EXPECT_EQ(::rmdir((merged + "/dir").c_str()), 0);
+  ASSERT_EQ(::mkdir((merged + "/dir").c_str(), 0755), 0);  // opaque: the lower one stays hidden
+  EXPECT_EQ(::rename((merged + "/new").c_str(), (merged + "/dir/new").c_str()), 0);
+  EXPECT_EQ(slurp(merged + "/keep"), "lower keepchanged");
+  EXPECT_EQ(err(::access((merged + "/gone").c_str(), F_OK)), ENOENT);
+  EXPECT_EQ(err(::access((merged + "/dir/inner").c_str(), F_OK)), ENOENT);
+  EXPECT_EQ(slurp(merged + "/dir/new"), "new");
+  EXPECT_EQ(::umount(merged.c_str()), 0) << strerror(errno);
+  // On vpmfs: the copied-up file, a whiteout for "gone", an opaque "dir"; lower untouched.
+  EXPECT_EQ(slurp(p("upper") + "/keep"), "lower keepchanged");
+  struct stat st {};
+  ASSERT_EQ(::lstat((p("upper") + "/gone").c_str(), &st), 0);
+  EXPECT_TRUE(S_ISCHR(st.st_mode));
+  EXPECT_EQ(st.st_rdev, 0u);
+  char opaque[4] = {};
+  EXPECT_EQ(::getxattr((p("upper") + "/dir").c_str(), "trusted.overlay.opaque", opaque, 4), 1);
+  EXPECT_EQ(opaque[0], 'y');
+  EXPECT_EQ(slurp(lower + "/gone"), "lower gone");
+  // Mounted again, the overlay shows the same tree.
+  ASSERT_EQ(::mount("overlay", merged.c_str(), "overlay", 0, opts.c_str()), 0) << strerror(errno);
+  EXPECT_EQ(err(::access((merged + "/gone").c_str(), F_OK)), ENOENT);
+  EXPECT_EQ(err(::access((merged + "/dir/inner").c_str(), F_OK)), ENOENT);
+  EXPECT_EQ(slurp(merged + "/dir/new"), "new");
+  EXPECT_EQ(::umount(merged.c_str()), 0);
+  ::rmdir(merged.c_str());
+  for (const char* f : {"/keep", "/gone", "/dir/inner"}) ::unlink((lower + f).c_str());
+  ::rmdir((lower + "/dir").c_str());
+  ::rmdir(lower.c_str());
 }
 
 TEST_F(Posix, AttributesWithNanoseconds) {
@@ -351,8 +413,9 @@ TEST_F(Posix, WritesBySomeoneElseClearSetuidAndSetgid) {
         if (fd < 0) _exit(1);
         int rc = op == kWrite      ? int(::pwrite(fd, "x", 1, 0)) - 1
                  : op == kTruncate ? ::ftruncate(fd, 4)
-                 : op == kAllocate ? ::fallocate(fd, 0, 0, 8192)
-                                   : ::fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0, 4);
+                 : op == kAllocate
+                     ? ::fallocate(fd, 0, 0, 8192)
+                     : ::fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0, 4);
         _exit(rc == 0 ? 0 : 2);
       }
       int status = 0;
@@ -360,7 +423,8 @@ TEST_F(Posix, WritesBySomeoneElseClearSetuidAndSetgid) {
       ASSERT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << "op " << op;
       struct stat st {};
       ASSERT_EQ(::stat(f.c_str(), &st), 0);
-      EXPECT_EQ(st.st_mode & 07777, member ? 02666u : 0666u) << "op " << op << (member ? ", member" : "");
+      EXPECT_EQ(st.st_mode & 07777, member ? 02666u : 0666u)
+          << "op " << op << (member ? ", member" : "");
     }
   }
 }
@@ -488,8 +552,8 @@ TEST_F(Posix, AclsAreEnforcedAndInherited) {
   }
   int status = 0;
   waitpid(pid, &status, 0);
-  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << "ACL not honoured, step "
-                                                              << WEXITSTATUS(status);
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0)
+      << "ACL not honoured, step " << WEXITSTATUS(status);
   // An owner outside the file's group who sets an access ACL loses setgid (generic/375).
   spit(p("aclsgid"), "x");
   ASSERT_EQ(::chown(p("aclsgid").c_str(), 65534, 0), 0);
