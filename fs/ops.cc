@@ -316,31 +316,18 @@ Status VolumeImpl::reap(Lock& lock) {
 }
 
 Status VolumeImpl::unlink(uint64_t parent, std::string_view name) {
-  KillPoint kill_point{this};
-  VPMFS_WRITABLE();
-  if (name.size() > 255) return Status(ENAMETOOLONG, "name longer than 255 bytes");
-  Lock lock(mu_);
-  throttle(lock);
-  auto dir = iget(parent);
-  if (!dir) return dir.status();
-  if (!S_ISDIR(dir->mode)) return Status(ENOTDIR, "not a directory");
-  auto ino = dir_find(parent, *dir, name, nullptr);
-  if (!ino) return ino.status();
-  auto inode = iget(*ino);
-  if (!inode) return inode.status();
-  if (S_ISDIR(inode->mode)) return Status(EISDIR, "is a directory");
-  if (Status s = dir_remove(parent, *dir, name); !s) return s;
-  set_times(*dir, now(), kMtime | kCtime);
-  iput(parent, *dir);
-  if (Status s = drop_link(*ino, *inode); !s) return s;
-  return reap(lock);
+  return remove_entry(parent, name, false);
 }
 
 Status VolumeImpl::rmdir(uint64_t parent, std::string_view name) {
+  return remove_entry(parent, name, true);
+}
+
+Status VolumeImpl::remove_entry(uint64_t parent, std::string_view name, bool directory) {
   KillPoint kill_point{this};
   VPMFS_WRITABLE();
-  if (name == ".") return Status(EINVAL, "cannot remove '.'");
-  if (name == "..") return Status(ENOTEMPTY, "cannot remove '..'");
+  if (directory && name == ".") return Status(EINVAL, "cannot remove '.'");
+  if (directory && name == "..") return Status(ENOTEMPTY, "cannot remove '..'");
   if (name.size() > 255) return Status(ENAMETOOLONG, "name longer than 255 bytes");
   Lock lock(mu_);
   throttle(lock);
@@ -351,10 +338,11 @@ Status VolumeImpl::rmdir(uint64_t parent, std::string_view name) {
   if (!ino) return ino.status();
   auto inode = iget(*ino);
   if (!inode) return inode.status();
-  if (!S_ISDIR(inode->mode)) return Status(ENOTDIR, "not a directory");
-  if (!dir_empty(*ino, *inode)) return Status(ENOTEMPTY, "directory not empty");
+  if (directory && !S_ISDIR(inode->mode)) return Status(ENOTDIR, "not a directory");
+  if (!directory && S_ISDIR(inode->mode)) return Status(EISDIR, "is a directory");
+  if (directory && !dir_empty(*ino, *inode)) return Status(ENOTEMPTY, "directory not empty");
   if (Status s = dir_remove(parent, *dir, name); !s) return s;
-  --dir->nlink;
+  if (directory) --dir->nlink;  // its ".." pointed here
   set_times(*dir, now(), kMtime | kCtime);
   iput(parent, *dir);
   if (Status s = drop_link(*ino, *inode); !s) return s;

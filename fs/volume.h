@@ -193,6 +193,8 @@ class VolumeImpl final : public Volume {
                  uint32_t type);
   bool dir_empty(uint64_t dino, fsfmt::Inode& dir);
   // mode as asked for: the umask applies unless the parent has a default ACL to inherit.
+  // unlink (directory false) and rmdir (true).
+  Status remove_entry(uint64_t parent, std::string_view name, bool directory);
   // A fresh inode of `mode` for ino, made in dir: owner, times, generation, inherited flags.
   fsfmt::Inode new_inode(uint64_t ino, uint32_t mode, uint32_t uid, uint32_t gid,
                          const fsfmt::Inode& dir);
