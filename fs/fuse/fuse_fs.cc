@@ -165,18 +165,19 @@ bool caller_in_group(fuse_req_t req, uint32_t gid) {
   return false;
 }
 
-// After a write, truncate, fallocate or chown of a regular file: setuid goes unless the caller
-// is root (CAP_FSETID; FUSE does not pass capabilities, so root stands for them), except that
-// chown clears it for everyone; setgid goes if group-exec is set, or if the caller is neither
-// in the file's group nor root. The kernel's rules for local filesystems
-// (should_remove_suid, setattr_should_drop_sgid).
+// After a write, truncate, fallocate or chown of a regular file, by the kernel's rules for local
+// filesystems (setattr_should_drop_suidgid, chown_common): root (CAP_FSETID; FUSE does not pass
+// capabilities, so root stands for them) keeps both bits on a write, truncate or fallocate.
+// Otherwise setuid goes, and setgid goes if group-exec is set or if the caller is neither in
+// the file's group nor root.
 void kill_privileges(fuse_req_t req, fuse_ino_t ino, bool chown) {
   Volume& v = vol(req);
+  bool root = fuse_req_ctx(req)->uid == 0;
+  if (root && !chown) return;
   auto attr = v.getattr(ino);
   if (!attr || !S_ISREG(attr->mode) || !(attr->mode & (S_ISUID | S_ISGID))) return;
-  bool root = fuse_req_ctx(req)->uid == 0;
   uint32_t kill = 0;
-  if ((attr->mode & S_ISUID) && (chown || !root)) kill |= S_ISUID;
+  if (attr->mode & S_ISUID) kill |= S_ISUID;
   if ((attr->mode & S_ISGID) &&
       ((attr->mode & S_IXGRP) || (!root && !caller_in_group(req, attr->gid)))) {
     kill |= S_ISGID;

@@ -429,6 +429,41 @@ TEST_F(Posix, WritesBySomeoneElseClearSetuidAndSetgid) {
   }
 }
 
+// Root (CAP_FSETID) keeps both bits, group-exec or not (generic/683-687); a group member who
+// is not root loses setgid when group-exec is set.
+TEST_F(Posix, RootKeepsSetuidAndSetgidOnWrites) {
+  std::string f = p("root");
+  spit(f, "0123456789");
+  ASSERT_EQ(::chmod(f.c_str(), 06777), 0);
+  int fd = ::open(f.c_str(), O_RDWR);
+  ASSERT_GE(fd, 0);
+  EXPECT_EQ(::pwrite(fd, "x", 1, 0), 1);
+  EXPECT_EQ(::ftruncate(fd, 4), 0);
+  EXPECT_EQ(::fallocate(fd, 0, 0, 8192), 0);
+  EXPECT_EQ(::fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0, 4), 0);
+  EXPECT_EQ(::close(fd), 0);
+  struct stat st {};
+  ASSERT_EQ(::stat(f.c_str(), &st), 0);
+  EXPECT_EQ(st.st_mode & 07777, 06777u);
+  // chown takes setuid from everyone, and setgid when group-exec is set.
+  ASSERT_EQ(::chown(f.c_str(), 0, 65534), 0);
+  ASSERT_EQ(::stat(f.c_str(), &st), 0);
+  EXPECT_EQ(st.st_mode & 07777, 0777u);
+  ASSERT_EQ(::chmod(f.c_str(), 06777), 0);
+  pid_t pid = fork();
+  if (pid == 0) {
+    gid_t group = 65534;
+    if (setgroups(1, &group) != 0 || setgid(65534) != 0 || setuid(65534) != 0) _exit(10);
+    int fd2 = ::open(f.c_str(), O_RDWR);
+    _exit(fd2 >= 0 && ::pwrite(fd2, "y", 1, 0) == 1 ? 0 : 2);
+  }
+  int status = 0;
+  waitpid(pid, &status, 0);
+  ASSERT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+  ASSERT_EQ(::stat(f.c_str(), &st), 0);
+  EXPECT_EQ(st.st_mode & 07777, 0777u) << "a member's write keeps setgid on a group-exec file";
+}
+
 TEST_F(Posix, FileSizeLimits) {
   int fd = ::open(p("limits").c_str(), O_RDWR | O_CREAT, 0644);
   ASSERT_GE(fd, 0);
