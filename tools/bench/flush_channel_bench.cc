@@ -1,6 +1,7 @@
 // Flush channel throughput and latency against plain fdatasync, on an image on the root disk.
 //
-//   flush_channel_bench [--benchmark_min_time=...] [--image=/tmp/vpmfs-bench-flush.img]
+//   flush_channel_bench [--benchmark_min_time=...] [--benchmark_repetitions=N]
+//                       [--image=/tmp/vpmfs-bench-flush.img]
 //
 // Each request stores 8 bytes, persists them and waits for its flush request. The stores go to a
 // page of the submitter's own ("own": a batch of 16 carries 16 dirty pages to the device) or all
@@ -10,6 +11,8 @@
 // next batch); at the end the goals of issue 2 (16 submitters: >= 8 requests per flush, latency
 // <= 2x one fdatasync after dirtying one page). The references: one thread dirtying 1 or 16
 // pages and calling fdatasync itself, and 16 threads each dirtying a page and calling fdatasync.
+// Each benchmark runs three times (interleaved with the others) unless --benchmark_repetitions
+// says otherwise; the summary takes the best run of each.
 #include <fcntl.h>
 #include <linux/futex.h>
 #include <sys/syscall.h>
@@ -23,6 +26,7 @@
 #include <cstring>
 #include <map>
 #include <string>
+#include <vector>
 
 #include "vpmfs/region.h"
 
@@ -171,22 +175,22 @@ class Reporter : public benchmark::ConsoleReporter {
   void ReportRuns(const std::vector<Run>& runs) override {
     for (const Run& run : runs) {
       std::string name = run.benchmark_name();
-      if (name.rfind("BM_PlainFdatasync/", 0) == 0 && run.iterations > 0) {
+      if (run.run_type != Run::RT_Iteration || run.iterations == 0) continue;
+      if (name.rfind("BM_PlainFdatasync/", 0) == 0) {
         // Real time per iteration of each thread: the latency of one call.
         double us = run.GetAdjustedRealTime() * double(run.threads);
-        if (run.threads == 1) {
-          g_fdatasync[std::stoi(name.substr(name.find('/') + 1))] = us;
-        } else {
-          g_fdatasync_16_threads = us;
-        }
+        double& best = run.threads == 1 ? g_fdatasync[std::stoi(name.substr(name.find('/') + 1))]
+                                        : g_fdatasync_16_threads;
+        if (best == 0 || us < best) best = us;
       }
-      if (name.rfind("BM_FlushChannel/", 0) == 0 && run.iterations > 0) {
+      if (name.rfind("BM_FlushChannel/", 0) == 0) {
         auto counter = [&](const char* key) { return run.counters.at(key).value; };
         std::size_t slash = name.find('/', name.find('/', 16) + 1);
         std::string waiting = name.substr(16, slash - 16);
-        g_channel[{waiting, int(run.threads)}] = {counter("latency_us"), counter("req_per_flush"),
-                                                  counter("device_us"), counter("callbacks_us"),
-                                                  counter("gather_us")};
+        ChannelFigures f{counter("latency_us"), counter("req_per_flush"), counter("device_us"),
+                         counter("callbacks_us"), counter("gather_us")};
+        auto [it, fresh] = g_channel.try_emplace({waiting, int(run.threads)}, f);
+        if (!fresh && f.latency_us < it->second.latency_us) it->second = f;
       }
     }
     ConsoleReporter::ReportRuns(runs);
@@ -196,10 +200,23 @@ class Reporter : public benchmark::ConsoleReporter {
 }  // namespace
 
 int main(int argc, char** argv) {
+  // Unless told otherwise: three repetitions of each benchmark, interleaved at random so that a
+  // slow stretch of the disk does not fall on one of them only; the summary takes the best.
+  std::vector<char*> args(argv, argv + argc);
+  bool repetitions = false;
   for (int i = 1; i < argc; ++i) {
     if (std::strncmp(argv[i], "--image=", 8) == 0) g_image = argv[i] + 8;
+    if (std::strncmp(argv[i], "--benchmark_repetitions", 23) == 0) repetitions = true;
   }
-  benchmark::Initialize(&argc, argv);
+  std::string default_repetitions = "--benchmark_repetitions=3";
+  std::string interleave = "--benchmark_enable_random_interleaving=true";
+  if (!repetitions) {
+    args.push_back(default_repetitions.data());
+    args.push_back(interleave.data());
+  }
+  int count = int(args.size());
+  args.push_back(nullptr);
+  benchmark::Initialize(&count, args.data());
   Reporter reporter;
   benchmark::RunSpecifiedBenchmarks(&reporter);
   benchmark::Shutdown();
