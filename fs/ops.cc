@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 
 #include "volume.h"
 #include "vpmfs/checksum.h"
@@ -62,6 +63,51 @@ Result<Attr> VolumeImpl::lookup(uint64_t parent, std::string_view name) {
   return to_attr(*ino, *inode);
 }
 
+// --- allocations that wait for a commit --------------------------------------------------------
+// Blocks freed in the running transaction stay unusable until it commits (the quarantine). An
+// operation that ran out of space while some wait there commits and tries once more, as ext4
+// retries an allocation after a journal commit. Each of these leaves nothing changed on ENOSPC.
+
+bool VolumeImpl::space_after_commit() {
+  Lock lock(mu_);
+  return !quarantine_.empty();
+}
+
+template <class Op>
+auto VolumeImpl::with_space(Op op) -> decltype(op()) {
+  auto result = op();
+  bool enospc;
+  if constexpr (std::is_same_v<decltype(result), Status>) {
+    enospc = result.error() == ENOSPC;
+  } else {
+    enospc = !result && result.status().error() == ENOSPC;
+  }
+  if (!enospc || !space_after_commit() || !sync_wait()) return result;
+  return op();
+}
+
+Result<Attr> VolumeImpl::make_node(uint64_t parent, std::string_view name, uint32_t mode,
+                                   uint64_t rdev, uint32_t uid, uint32_t gid,
+                                   std::string_view target, uint32_t umask) {
+  return with_space(
+      [&] { return try_make_node(parent, name, mode, rdev, uid, gid, target, umask); });
+}
+
+Result<Attr> VolumeImpl::link(uint64_t ino, uint64_t parent, std::string_view name) {
+  return with_space([&] { return try_link(ino, parent, name); });
+}
+
+Status VolumeImpl::rename(uint64_t parent, std::string_view name, uint64_t new_parent,
+                          std::string_view new_name, uint32_t flags, uint32_t uid, uint32_t gid) {
+  return with_space(
+      [&] { return try_rename(parent, name, new_parent, new_name, flags, uid, gid); });
+}
+
+Status VolumeImpl::setxattr(uint64_t ino, std::string_view name, const void* value,
+                            std::size_t size, int flags) {
+  return with_space([&] { return try_setxattr(ino, name, value, size, flags); });
+}
+
 Inode VolumeImpl::new_inode(uint64_t ino, uint32_t mode, uint32_t uid, uint32_t gid,
                             const Inode& dir) {
   Inode inode{};
@@ -78,9 +124,9 @@ Inode VolumeImpl::new_inode(uint64_t ino, uint32_t mode, uint32_t uid, uint32_t 
   return inode;
 }
 
-Result<Attr> VolumeImpl::make_node(uint64_t parent, std::string_view name, uint32_t mode,
-                                   uint64_t rdev, uint32_t uid, uint32_t gid,
-                                   std::string_view target, uint32_t umask) {
+Result<Attr> VolumeImpl::try_make_node(uint64_t parent, std::string_view name, uint32_t mode,
+                                       uint64_t rdev, uint32_t uid, uint32_t gid,
+                                       std::string_view target, uint32_t umask) {
   KillPoint kill_point{this};
   VPMFS_WRITABLE();
   if (Status s = name_ok(name); !s) return s;
@@ -183,7 +229,7 @@ Result<std::string> VolumeImpl::readlink(uint64_t ino) {
   return std::string(reinterpret_cast<const char*>(meta(*lba)), inode->size);
 }
 
-Result<Attr> VolumeImpl::link(uint64_t ino, uint64_t parent, std::string_view name) {
+Result<Attr> VolumeImpl::try_link(uint64_t ino, uint64_t parent, std::string_view name) {
   KillPoint kill_point{this};
   VPMFS_WRITABLE();
   if (Status s = name_ok(name); !s) return s;
@@ -349,8 +395,9 @@ Status VolumeImpl::remove_entry(uint64_t parent, std::string_view name, bool dir
   return reap(lock);
 }
 
-Status VolumeImpl::rename(uint64_t parent, std::string_view name, uint64_t new_parent,
-                          std::string_view new_name, uint32_t flags, uint32_t uid, uint32_t gid) {
+Status VolumeImpl::try_rename(uint64_t parent, std::string_view name, uint64_t new_parent,
+                              std::string_view new_name, uint32_t flags, uint32_t uid,
+                              uint32_t gid) {
   KillPoint kill_point{this};
   VPMFS_WRITABLE();
   if (flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE | RENAME_WHITEOUT)) {
@@ -619,10 +666,19 @@ Result<std::size_t> VolumeImpl::write(uint64_t ino, uint64_t offset, const void*
   const uint64_t piece = uint64_t(bs_) * (bs_ / 8);  // a pointer block's worth
   const auto* in = static_cast<const std::byte*>(buf);
   std::size_t done = 0;
+  bool committed = false;
   while (done < len) {
     uint64_t at = offset + done;
     std::size_t want = std::min<uint64_t>(len - done, (at / piece + 1) * piece - at);
     auto wrote = write_piece(ino, at, in + done, want);
+    bool short_of_space = wrote ? *wrote < want : wrote.status().error() == ENOSPC;
+    if (short_of_space && !committed && space_after_commit()) {
+      // Blocks freed in the running transaction are usable once it commits (see with_space).
+      committed = true;
+      if (wrote) done += *wrote;
+      if (sync_wait()) continue;
+      if (done > 0) break;
+    }
     if (!wrote) {
       if (done == 0) return wrote;
       break;  // a short write; the error comes back on the next call
@@ -856,8 +912,8 @@ Result<std::size_t> VolumeImpl::getxattr(uint64_t ino, std::string_view name, vo
   return e->value.size();
 }
 
-Status VolumeImpl::setxattr(uint64_t ino, std::string_view name, const void* value,
-                            std::size_t size, int flags) {
+Status VolumeImpl::try_setxattr(uint64_t ino, std::string_view name, const void* value,
+                                std::size_t size, int flags) {
   KillPoint kill_point{this};
   VPMFS_WRITABLE();
   if (flags & ~(XATTR_CREATE | XATTR_REPLACE)) return Status(EINVAL, "unknown setxattr flags");

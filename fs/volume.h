@@ -198,6 +198,17 @@ class VolumeImpl final : public Volume {
   // A fresh inode of `mode` for ino, made in dir: owner, times, generation, inherited flags.
   fsfmt::Inode new_inode(uint64_t ino, uint32_t mode, uint32_t uid, uint32_t gid,
                          const fsfmt::Inode& dir);
+  // ENOSPC while freed blocks wait for a commit: commit and run op once more (ops.cc).
+  bool space_after_commit();
+  template <class Op>
+  auto with_space(Op op) -> decltype(op());
+  Result<Attr> try_make_node(uint64_t parent, std::string_view name, uint32_t mode, uint64_t rdev,
+                             uint32_t uid, uint32_t gid, std::string_view target, uint32_t umask);
+  Result<Attr> try_link(uint64_t ino, uint64_t parent, std::string_view name);
+  Status try_rename(uint64_t parent, std::string_view name, uint64_t new_parent,
+                    std::string_view new_name, uint32_t flags, uint32_t uid, uint32_t gid);
+  Status try_setxattr(uint64_t ino, std::string_view name, const void* value, std::size_t size,
+                      int flags);
   Result<Attr> make_node(uint64_t parent, std::string_view name, uint32_t mode, uint64_t rdev,
                          uint32_t uid, uint32_t gid, std::string_view symlink_target,
                          uint32_t umask);

@@ -321,9 +321,13 @@ void crash_cuts(PersistMode mode, CrashModel model, uint64_t seed) {
   TempPath crashed("fscut-dst.img");
   make_volume(path, 512);  // more pieces, more transactions
   CutRecording rec = record_cuts(path, mode, seed);
-  const std::size_t stride = std::max<std::size_t>(1, rec.recorder->events() / (100 * scale()));
+  // 100 x scale crash points: spread over the events, and where there are fewer events than
+  // that, several crash images (seeds) at each.
+  const std::size_t events = rec.recorder->events();
+  const std::size_t stride = std::max<std::size_t>(1, events / (100 * scale()));
+  const uint64_t seeds = std::max<uint64_t>(1, (100 * scale() + events) / (events + 1));
   uint64_t points =
-      crash_at_points(*rec.recorder, model, stride, 1, seed, crashed,
+      crash_at_points(*rec.recorder, model, stride, seeds, seed, crashed,
                       [&](std::size_t cut) { return verify_cuts(crashed, rec, cut); });
   std::printf("%s model: %llu crash points in large cuts and deletes\n", to_string(model),
               (unsigned long long)points);
@@ -465,13 +469,14 @@ KillRecording record_kill_workload(const std::string& path, PersistMode mode, in
 
 TEST(FsCrash, KilledDaemonLosesNothingAcknowledged) {
   uint64_t points = 0;
+  int whiteouts = 0;
   for (PersistMode mode : {PersistMode::direct, PersistMode::writeback}) {
     for (uint64_t run = 0; run < scale(); ++run) {
       TempPath path("fskill-src.img");
       TempPath crashed("fskill-dst.img");
       make_volume(path);
       KillRecording rec = record_kill_workload(path, mode, 60, 11 + run);
-      EXPECT_GT(rec.whiteouts, 0) << "the workload should leave whiteouts";
+      whiteouts += rec.whiteouts;
       std::size_t total = rec.recorder->events();
       std::size_t stride = std::max<std::size_t>(1, total / 150);
       for (std::size_t cut = 0; cut <= total; cut += stride) {
@@ -509,7 +514,9 @@ TEST(FsCrash, KilledDaemonLosesNothingAcknowledged) {
       }
     }
   }
-  std::printf("kill model: %llu kill points\n", (unsigned long long)points);
+  std::printf("kill model: %llu kill points, %d renames leaving a whiteout\n",
+              (unsigned long long)points, whiteouts);
+  EXPECT_GT(whiteouts, 0) << "the workloads should leave whiteouts";
   EXPECT_GE(points, 200u * scale());
 }
 
