@@ -1158,27 +1158,24 @@ Status VolumeImpl::fallocate_allocate(uint64_t ino, uint64_t offset, uint64_t en
   const uint64_t first = offset / bs_, last = ceil_div(end, bs_);
   // 1. Reserve every block the whole range needs before changing anything: ENOSPC leaves the
   //    file as it was, and nothing can take the blocks while the range is done in pieces.
+  //    Blocks freed in the running transaction count once it commits (with_space).
   uint64_t mine = 0;
-  for (int attempt = 0;; ++attempt) {
+  Status reserved = with_space([&]() -> Status {
     Lock lock(mu_);
     throttle(lock);
     auto inode = iget(ino);
     if (!inode) return inode.status();
     uint64_t need = map_need(*inode, first, last);
     uint64_t usable = free_blocks_ - std::min(free_blocks_, quarantine_.size() + reserved_);
-    if (need <= usable) {
-      reserved_ += need;
-      mine = need;
-      break;
-    }
-    if (attempt > 0 || quarantine_.empty()) {
+    if (need > usable) {
       return Status(ENOSPC, "fallocate needs " + std::to_string(need) + " blocks, " +
                                 std::to_string(usable) + " are free");
     }
-    // Blocks freed in the running transaction become usable once it commits.
-    lock.unlock();
-    if (Status s = sync_wait(); !s) return s;
-  }
+    reserved_ += need;
+    mine = need;
+    return Status::ok();
+  });
+  if (!reserved) return reserved;
   struct Release {
     VolumeImpl* v;
     uint64_t& left;
