@@ -695,26 +695,40 @@ Result<std::size_t> VolumeImpl::write_piece(uint64_t ino, uint64_t offset, const
     Lock lock(mu_);
     throttle(lock);
   }
-  std::shared_lock gate(gate_);
   struct Target {
     uint64_t lba;
     bool fresh;
   };
   std::vector<Target> targets;
-  {
+  // Writers that allocate hold the gate shared from allocating blocks until their data is
+  // written, so that no checkpoint or commit snapshots a pointer to a block whose data is not
+  // there yet. An overwrite of blocks the file has, inside its size, points at nothing new and
+  // goes without it (the file's io lock keeps its blocks from being freed meanwhile); so the
+  // checkpoint after each write does not wait for the other writers, nor they for it.
+  std::shared_lock gate(gate_, std::defer_lock);
+  for (;;) {
     Lock lock(mu_);
     auto inode = iget(ino);
     if (!inode) return inode.status();
     if (S_ISDIR(inode->mode)) return Status(EISDIR, "is a directory");
+    const bool allocate = gate.owns_lock();
     Status short_write;
+    targets.clear();
     for (uint64_t fb = offset / bs_; fb <= (offset + len - 1) / bs_; ++fb) {
       bool fresh = false;
-      auto lba = bmap(*inode, fb, true, &fresh);
+      auto lba = bmap(*inode, fb, allocate, &fresh);
       if (!lba) {
         short_write = lba.status();
         break;
       }
+      if (*lba == 0) break;  // a hole, and no gate: allocate
       targets.push_back({*lba, fresh});
+    }
+    if (!allocate && (targets.size() * bs_ < offset % bs_ + len || offset + len > inode->size)) {
+      if (!short_write) return short_write;
+      lock.unlock();
+      gate.lock();
+      continue;
     }
     if (targets.empty()) {
       iput(ino, *inode);
@@ -729,6 +743,7 @@ Result<std::size_t> VolumeImpl::write_piece(uint64_t ino, uint64_t offset, const
     inode->size = std::max(inode->size, end);
     set_times(*inode, now(), kMtime | kCtime);
     iput(ino, *inode);
+    break;
   }
   // The data, without the volume lock. Whole blocks go straight from the caller's buffer into
   // the BTT's free block: the only copy.

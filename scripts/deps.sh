@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Installs the Debian packages vpmfs needs to build, test and mount, when any is missing.
 # Safe to run again: it asks apt only for what dpkg does not already have.
+#
+#   scripts/deps.sh            build, test and mount
+#   scripts/deps.sh --bench    also what tools/bench/peers.sh runs (fio, fuse2fs, gnuplot)
 set -euo pipefail
 
 packages=(
@@ -11,6 +14,9 @@ packages=(
   clang libclang-rt-14-dev clang-format
   xfsprogs attr acl
 )
+if [[ ${1:-} == --bench ]]; then
+  packages+=(fio fuse2fs e2fsprogs gnuplot-nox python3)
+fi
 
 missing=()
 for p in "${packages[@]}"; do

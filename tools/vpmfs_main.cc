@@ -43,6 +43,9 @@ constexpr const char* kOptionsHelp = R"(Mount options (-o, comma separated):
   fsname=NAME         source name shown in /proc/mounts (default: the image path)
   max_threads=N       FUSE worker threads (default 16)
   max_write=BYTES     largest FUSE write request (default 1048576)
+  writeback_cache     the kernel's write-back cache: faster small writes, but writes are
+                      acknowledged before vpmfs has them, so a killed daemon can lose
+                      acknowledged writes (fsync still makes them durable)
   test_faults         testing only: SIGUSR1 makes every later device flush fail with EIO
 The generic options mount(8) passes (rw, dev, suid, exec, atime family, _netdev, nofail,
 x-*, ...) are accepted; the kernel applies the VFS ones itself.)";
@@ -200,6 +203,11 @@ int main(int argc, char** argv) {
                          "WARNING: sync_dax=unsafe: nothing written to this mount is ever made "
                          "durable; fsync returns without flushing. A crash of the host can lose "
                          "or tear any of it.");
+    }
+    if (options.writeback_cache) {
+      vpmfs::log_message(LOG_WARNING,
+                         "writeback_cache: writes are acknowledged from the kernel's page cache; "
+                         "a killed daemon loses those not yet written back or fsync'd.");
     }
     // The terminal (mount(8)'s, xfstests') gets the mode line only in the foreground.
     if (!options.foreground) vpmfs::log_to_stderr(false);

@@ -28,6 +28,8 @@ namespace {
 std::atomic<bool> g_stderr{true};
 // The kernel agreed to map direct-I/O (DAX) files shared (fuse_dev_writev).
 std::atomic<bool> g_allow_mmap{false};
+// The kernel's write-back cache is on (the writeback_cache option, agreed at FUSE_INIT).
+std::atomic<bool> g_writeback_cache{false};
 
 // What every request handler reaches through fuse_req_userdata().
 struct Daemon {
@@ -102,8 +104,13 @@ void op_init(void* userdata, fuse_conn_info* conn) {
   conn->max_write = d.options.max_write;
   conn->max_read = 0;
   // Writes go straight to the image, whose mapping outlives a killed daemon; a kernel
-  // write-back cache would hold acknowledged data where a daemon crash loses it.
-  conn->want &= ~unsigned(FUSE_CAP_WRITEBACK_CACHE);
+  // write-back cache holds acknowledged data where a daemon crash loses it, so it is opt-in.
+  if (d.options.writeback_cache && (conn->capable & FUSE_CAP_WRITEBACK_CACHE)) {
+    conn->want |= FUSE_CAP_WRITEBACK_CACHE;
+    g_writeback_cache = true;
+  } else {
+    conn->want &= ~unsigned(FUSE_CAP_WRITEBACK_CACHE);
+  }
   // open(O_TRUNC) truncates through a setattr the kernel sends first, rather than leaving it
   // to an open that would have to do it itself (libfuse turns this on by default).
   conn->want &= ~unsigned(FUSE_CAP_ATOMIC_O_TRUNC);
@@ -408,6 +415,7 @@ std::string status_json(Daemon& d) {
   j["block_size"] = d.volume.block_size();
   j["map_sync"] = r.map_sync();
   j["dax_shared_mmap"] = g_allow_mmap.load();  // FUSE_DIRECT_IO_ALLOW_MMAP was agreed
+  j["writeback_cache"] = g_writeback_cache.load();
   j["flush"] = {{"requests", f.requests},
                 {"device_flushes", f.device_flushes},
                 {"requests_per_flush", f.requests_per_flush()},
@@ -668,15 +676,24 @@ const fuse_lowlevel_ops kOps = [] {
   return ops;
 }();
 
-// --- shared mmap of direct-I/O (DAX) files ---------------------------------------------------
-// The kernel (6.6 on) lets a direct-I/O file be mapped shared only when the server asks for
-// FUSE_DIRECT_IO_ALLOW_MMAP at FUSE_INIT; libfuse 3.14 (Debian 12) cannot ask for it. So vpmfs
-// reads and writes /dev/fuse through libfuse's custom-I/O hooks and adds the flag to its INIT
-// reply when the kernel offered it. Without it, mmap(MAP_SHARED) of a DAX file gives ENODEV.
+// --- INIT flags libfuse 3.14 cannot ask for ------------------------------------------------
+// libfuse 3.14 (Debian 12) negotiates only the flags it knows. vpmfs reads and writes /dev/fuse
+// through libfuse's custom-I/O hooks and adds two to its INIT reply when the kernel offers them:
+//  - FUSE_DIRECT_IO_ALLOW_MMAP (kernel 6.6 on): a direct-I/O (DAX) file may be mapped shared;
+//    without it, mmap(MAP_SHARED) of a DAX file gives ENODEV.
+//  - FUSE_HANDLE_KILLPRIV_V2: the kernel marks the superblock SB_NOSEC, so a write to a file
+//    with no setuid/setgid bit and no security.capability skips file_remove_privs' GETXATTR
+//    round trip, which otherwise doubles the requests of every write. vpmfs clears setuid and
+//    setgid itself (kill_privileges), as it does under FUSE_HANDLE_KILLPRIV; the kernel still
+//    removes security.capability, and forgets the SB_NOSEC shortcut whenever it refreshes an
+//    inode's attributes or a security.* attribute is set.
 constexpr uint32_t kOpInit = 26;                   // FUSE_INIT
+constexpr uint32_t kKillPrivV2 = 1u << 28;         // FUSE_HANDLE_KILLPRIV_V2
 constexpr uint32_t kInitExt = 1u << 30;            // FUSE_INIT_EXT: flags2 is valid
 constexpr uint32_t kAllowMmap2 = 1u << (36 - 32);  // FUSE_DIRECT_IO_ALLOW_MMAP, in flags2
-std::atomic<uint64_t> g_init_unique{0};  // the INIT request, once its reply may be patched
+std::atomic<uint64_t> g_init_unique{0};    // the INIT request, once its reply may be patched
+std::atomic<uint32_t> g_init_offered{0};   // its flags
+std::atomic<uint32_t> g_init_offered2{0};  // and flags2 (valid with FUSE_INIT_EXT)
 
 ssize_t fuse_dev_read(int fd, void* buf, size_t len, void*) {
   ssize_t n = ::read(fd, buf, len);
@@ -688,9 +705,11 @@ ssize_t fuse_dev_read(int fd, void* buf, size_t len, void*) {
     std::memcpy(&opcode, p + 4, 4);
     std::memcpy(&flags, p + 40 + 12, 4);
     std::memcpy(&flags2, p + 40 + 16, 4);
-    if (opcode == kOpInit && (flags & kInitExt) && (flags2 & kAllowMmap2)) {
+    if (opcode == kOpInit) {
       uint64_t unique;
       std::memcpy(&unique, p + 8, 8);
+      g_init_offered = flags;
+      g_init_offered2 = (flags & kInitExt) ? flags2 : 0;
       g_init_unique = unique;
     }
   }
@@ -710,12 +729,15 @@ ssize_t fuse_dev_writev(int fd, iovec* iov, int count, void*) {
       uint32_t flags, flags2;
       std::memcpy(&flags, out + 12, 4);
       std::memcpy(&flags2, out + 32, 4);
-      flags |= kInitExt;
-      flags2 |= kAllowMmap2;
+      flags |= g_init_offered & kKillPrivV2;
+      if (g_init_offered2 & kAllowMmap2) {
+        flags |= kInitExt;
+        flags2 |= kAllowMmap2;
+        g_allow_mmap = true;
+      }
       std::memcpy(out + 12, &flags, 4);
       std::memcpy(out + 32, &flags2, 4);
       g_init_unique = 0;
-      g_allow_mmap = true;
     }
   }
   return ::writev(fd, iov, count);
@@ -775,7 +797,9 @@ Status serve(Volume& volume, const DaemonOptions& options, const std::function<v
 
   fuse_loop_config* config = fuse_loop_cfg_create();
   fuse_loop_cfg_set_max_threads(config, options.max_threads);
-  fuse_loop_cfg_set_idle_threads(config, std::min(options.max_threads, 8u));
+  // Idle workers stay: with fewer allowed idle than max_threads, libfuse 3.14 ended and started
+  // about 1,400 threads a second under two fio writers (perf, task:task_newtask).
+  fuse_loop_cfg_set_idle_threads(config, options.max_threads);
   int rc = fuse_session_loop_mt(se, config);
   fuse_loop_cfg_destroy(config);
   fuse_session_unmount(se);

@@ -121,6 +121,9 @@ Status apply_mount_options(std::string_view list, DaemonOptions& o) {
     } else if (name == "force_persistent") {
       if (Status s = flag(); !s) return s;
       o.volume.force_persistent = true;
+    } else if (name == "writeback_cache" || name == "no_writeback_cache") {
+      if (Status s = flag(); !s) return s;
+      o.writeback_cache = name == "writeback_cache";
     } else if (name == "test_faults") {
       if (Status s = flag(); !s) return s;
       o.test_faults = true;

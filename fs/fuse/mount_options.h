@@ -28,6 +28,10 @@ struct DaemonOptions {
   std::string fsname;             // default: the image path
   unsigned max_threads = 16;      // FUSE worker threads
   unsigned max_write = 1u << 20;  // bytes per FUSE write request
+  // The kernel's write-back cache (opt-in): writes are acknowledged from the page cache and
+  // reach vpmfs later, so a killed daemon can lose acknowledged writes (README, "What a crash
+  // can cost"); fsync still writes them back first and then commits.
+  bool writeback_cache = false;
   // Testing only: SIGUSR1 makes every later device flush fail with EIO, as a failing host
   // would, so the error path can be exercised on a real mount.
   bool test_faults = false;

@@ -15,6 +15,7 @@ TEST(MountOptions, Defaults) {
   EXPECT_TRUE(o.default_permissions);
   EXPECT_FALSE(o.volume.read_only);
   EXPECT_EQ(o.volume.commit_interval_ms, 5000u);
+  EXPECT_FALSE(o.writeback_cache);
   o.image = "/img";
   EXPECT_EQ(fuse_mount_options(o), "fsname=/img,subtype=vpmfs,default_permissions");
 }
@@ -38,6 +39,11 @@ TEST(MountOptions, VpmfsOptions) {
   EXPECT_FALSE(o.volume.mode.has_value());
   EXPECT_EQ(o.dax, DaxPolicy::never);
   EXPECT_FALSE(o.default_permissions);
+  ASSERT_TRUE(apply_mount_options("writeback_cache", o));
+  EXPECT_TRUE(o.writeback_cache);
+  ASSERT_TRUE(apply_mount_options("no_writeback_cache", o));
+  EXPECT_FALSE(o.writeback_cache);
+  EXPECT_FALSE(apply_mount_options("writeback_cache=1", o));
   ASSERT_TRUE(apply_mount_options("dax", o));
   EXPECT_EQ(o.dax, DaxPolicy::always);
 }
@@ -50,8 +56,7 @@ TEST(MountOptions, GenericOptionsFromMountAndFstab) {
   EXPECT_FALSE(o.volume.read_only);
   EXPECT_EQ(o.volume.atime, MountOptions::Atime::relatime);
   // The VFS flags go on to the mount libfuse makes; the others stay behind.
-  EXPECT_EQ(fuse_mount_options(o),
-            "fsname=,subtype=vpmfs,default_permissions,nosuid,nodev,noexec");
+  EXPECT_EQ(fuse_mount_options(o), "fsname=,subtype=vpmfs,default_permissions,nosuid,nodev,noexec");
   ASSERT_TRUE(apply_mount_options("noatime,dev,suid,nodiratime", o));
   EXPECT_EQ(o.volume.atime, MountOptions::Atime::noatime);
   EXPECT_NE(fuse_mount_options(o).find(",noatime,dev,suid"), std::string::npos);

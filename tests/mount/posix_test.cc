@@ -679,5 +679,41 @@ TEST(PosixRemount, DataSurvivesUnmountAndMount) {
   EXPECT_EQ(m.unmount(), 0);
 }
 
+// writeback_cache: writes are acknowledged from the kernel's page cache, and fsync still makes
+// them durable before it returns: a killed daemon keeps what was fsync'd. Without fsync, a
+// clean unmount writes everything back.
+TEST(PosixWritebackCache, FsyncedWritesSurviveAKilledDaemon) {
+  Mount m("wbc", {"writeback_cache"});
+  char status[4096] = {};
+  ASSERT_GT(::getxattr(m.dir().c_str(), "user.vpmfs.status", status, sizeof status - 1), 0);
+  EXPECT_NE(std::string(status).find("\"writeback_cache\":true"), std::string::npos) << status;
+
+  std::string data(1 << 20, '\0');
+  for (std::size_t i = 0; i < data.size(); ++i) data[i] = char('a' + (i * 7919) % 26);
+  int fd = ::open(m.path("synced").c_str(), O_RDWR | O_CREAT, 0644);
+  ASSERT_GE(fd, 0);
+  // Small writes out of order, as a database does, then fsync.
+  for (std::size_t off = 0; off < data.size(); off += 4096) {
+    std::size_t at = (off * 37) % data.size() / 4096 * 4096;
+    ASSERT_EQ(::pwrite(fd, data.data() + at, 4096, off_t(at)), 4096);
+  }
+  ASSERT_EQ(::fsync(fd), 0);
+  ::close(fd);
+  spit(m.path("unsynced"), "written back at unmount");
+  ASSERT_EQ(m.remount(), 0) << "fsck.vpmfs -n after a clean unmount";
+  EXPECT_EQ(slurp(m.path("unsynced")), "written back at unmount");
+
+  fd = ::open(m.path("synced").c_str(), O_RDWR);
+  ASSERT_GE(fd, 0);
+  ASSERT_EQ(::pwrite(fd, "XYZ", 3, 100), 3);
+  ASSERT_EQ(::fdatasync(fd), 0);
+  data.replace(100, 3, "XYZ");
+  m.kill_daemon();
+  ::close(fd);
+  m.start();
+  EXPECT_EQ(slurp(m.path("synced")), data);
+  EXPECT_EQ(m.unmount(), 0);
+}
+
 }  // namespace
 }  // namespace vpmfs
