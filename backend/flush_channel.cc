@@ -4,13 +4,13 @@
 #include <chrono>
 #include <cstring>
 
+#include <unistd.h>
+
 #include "vpmfs/region.h"
 
 namespace vpmfs {
 namespace {
 
-constexpr uint64_t kFlushTag = 1;
-constexpr uint64_t kStopTag = 2;
 constexpr int kFailedEarlier = -1;  // in_flight_error_: the channel had already failed
 
 uint64_t now_ns() {
@@ -23,19 +23,12 @@ uint64_t now_ns() {
 
 Result<std::unique_ptr<FlushChannel>> FlushChannel::create(Region* region) {
   auto channel = std::unique_ptr<FlushChannel>(new FlushChannel(region));
-  // One flush is in flight at a time, so a tiny ring is enough.
-  int rc = io_uring_queue_init(4, &channel->ring_, 0);
-  if (rc != 0) {
-    return Status(-rc,
-                  std::string("cannot set up the flush channel: io_uring: ") + std::strerror(-rc));
-  }
   channel->thread_ = std::thread([c = channel.get()] { c->run(); });
   return channel;
 }
 
 FlushChannel::~FlushChannel() {
   shutdown();
-  io_uring_queue_exit(&ring_);
 }
 
 void FlushChannel::submit(Callback callback) {
@@ -52,6 +45,19 @@ void FlushChannel::submit(Callback callback) {
 Status FlushChannel::wait() {
   std::unique_lock lock(mu_);
   if (stopping_) return Status(ESHUTDOWN, "flush channel is shut down");
+  if (!flushing_ && !gathering_ && pending_.empty()) {
+    // An idle channel: the caller sends the flush itself and is done when it returns, with no
+    // hand-off to the channel thread and no wake-up back (each a thread hop, ~10 us on a
+    // 2-vCPU VM). Waiters queued meanwhile ride along; requests queued during the flush go to
+    // the channel thread afterwards, as one batch.
+    ++stats_.requests;
+    ++pending_waiters_;
+    start_flush(lock);
+    uint64_t number = started_;
+    finish_flush(lock, /*gather=*/false);
+    if (pending_count() > 0 || stopping_) work_cv_.notify_one();
+    return batch_status(number);
+  }
   // Served by the next batch to start; its completion wakes every waiter of it at once.
   uint64_t batch = started_ + 1;
   ++pending_waiters_;
@@ -60,14 +66,11 @@ Status FlushChannel::wait() {
   return batch_status(batch);
 }
 
-void FlushChannel::queued(std::unique_lock<std::mutex>& lock) {
+void FlushChannel::queued(std::unique_lock<std::mutex>&) {
   ++stats_.requests;
-  // An idle channel sends the flush from the submitter's thread: no hand-off, no wake-up.
-  if (!flushing_ && !gathering_) {
-    start_flush(lock);
-  } else if (gathering_ && pending_count() >= gather_target_) {
-    idle_cv_.notify_all();  // the whole group is back
-  }
+  // An idle channel thread starts the flush at once; a gathering one once the whole group of
+  // the last batch is back.
+  if (!flushing_ && (!gathering_ || pending_count() >= gather_target_)) work_cv_.notify_one();
 }
 
 Status FlushChannel::batch_status(uint64_t batch) const {
@@ -82,12 +85,8 @@ void FlushChannel::shutdown() {
   if (stopped_) return;
   stopping_ = true;
   stopped_ = true;
-  idle_cv_.wait(lock, [this] { return !flushing_ && pending_count() == 0; });
-  // Nothing is in flight and nothing can start: the submission queue is ours.
-  io_uring_sqe* sqe = io_uring_get_sqe(&ring_);
-  io_uring_prep_nop(sqe);
-  io_uring_sqe_set_data64(sqe, kStopTag);
-  io_uring_submit(&ring_);
+  // The channel thread serves what is queued, then sees stopping_ with nothing left and ends.
+  work_cv_.notify_one();
   lock.unlock();
   thread_.join();
 }
@@ -107,7 +106,6 @@ void FlushChannel::inject_failures(int count, int error) {
 
 void FlushChannel::start_flush(std::unique_lock<std::mutex>& lock) {
   flushing_ = true;
-  starting_ = true;
   in_flight_.swap(pending_);
   in_flight_waiters_ = pending_waiters_;
   pending_waiters_ = 0;
@@ -122,7 +120,7 @@ void FlushChannel::start_flush(std::unique_lock<std::mutex>& lock) {
   }
   // Every request of the batch was queued before this point, so the flush that starts now began
   // after each of their submits. When nothing was persisted since the last flush began, there
-  // is nothing for the device to do: a NOP carries the batch to the completion thread.
+  // is nothing for the device to do.
   bool dirty = error == 0 && region_->dirty_.exchange(false, std::memory_order_acq_rel);
   device_flush_ = dirty && !region_->is_devdax();
   in_flight_error_ = error;
@@ -132,106 +130,86 @@ void FlushChannel::start_flush(std::unique_lock<std::mutex>& lock) {
   RegionObserver* observer = region_->observer();
   if (observer != nullptr && observed) observer->device_flush_begin();
   flush_started_ns_ = now_ns();
-  io_uring_sqe* sqe = io_uring_get_sqe(&ring_);
+  // The device flush runs here, on the channel's thread: the submitters' threads go on at once,
+  // and no third thread is involved. (io_uring's IORING_OP_FSYNC, used before, always runs in
+  // an io-wq worker: one more thread hop per flush, 21 us against 2.4 us for the fdatasync
+  // itself of an image on tmpfs.)
+  int rc = 0;
   if (device_flush_) {
-    io_uring_prep_fsync(sqe, region_->fd_, IORING_FSYNC_DATASYNC);
-  } else {
-    io_uring_prep_nop(sqe);
+    while ((rc = ::fdatasync(region_->fd_)) != 0 && errno == EINTR) {
+    }
+    if (rc != 0) rc = errno;
   }
-  io_uring_sqe_set_data64(sqe, kFlushTag);
-  int rc = io_uring_submit(&ring_);
-
   lock.lock();
-  if (rc < 0 && in_flight_error_ == 0) {
-    // The ring refused the request: nothing is in flight, so fail it here and now.
-    in_flight_error_ = -rc;
-  }
-  starting_ = false;
-  idle_cv_.notify_all();
-  if (rc < 0) {
-    // No CQE will come; hand the batch to the completion thread through a NOP instead.
-    io_uring_sqe* nop = io_uring_get_sqe(&ring_);
-    io_uring_prep_nop(nop);
-    io_uring_sqe_set_data64(nop, kFlushTag);
-    io_uring_submit(&ring_);
-  }
+  if (rc != 0 && in_flight_error_ == 0) in_flight_error_ = rc;
 }
 
 void FlushChannel::run() {
-  std::vector<Callback> batch;
+  std::unique_lock lock(mu_);
   for (;;) {
-    io_uring_cqe* cqe = nullptr;
-    int rc;
-    do {
-      rc = io_uring_wait_cqe(&ring_, &cqe);
-    } while (rc == -EINTR);
-    if (rc != 0) continue;
-    uint64_t tag = io_uring_cqe_get_data64(cqe);
-    int res = cqe->res;
-    io_uring_cqe_seen(&ring_, cqe);
-    if (tag == kStopTag) return;
+    // Not while a waiter flushes in its own thread (wait()): one flush at a time.
+    work_cv_.wait(lock, [this] { return !flushing_ && (pending_count() > 0 || stopping_); });
+    if (pending_count() == 0) return;  // stopping, and everything queued was served
+    start_flush(lock);
+    finish_flush(lock, /*gather=*/true);
+  }
+}
 
-    std::unique_lock lock(mu_);
-    idle_cv_.wait(lock, [this] { return !starting_; });
-    bool device = device_flush_;
-    int error = in_flight_error_;
-    uint64_t elapsed = now_ns() - flush_started_ns_;
-    if (device && res < 0 && error == 0) error = -res;
-    bool observed = device || error > 0;
-    size_t served = in_flight_.size() + in_flight_waiters_;
-    size_t waiters = in_flight_waiters_;
-    uint64_t number = started_;  // once flushing_ is off, a submitter may start the next
-    in_flight_waiters_ = 0;
-    if (error > 0) {
-      ++stats_.failed_flushes;
-      stats_.last_error = error;
-      stats_.last_error_message =
-          (device ? "device flush (fdatasync of " + region_->path() + ") failed: "
-                  : "injected device flush failure: ") +
-          std::strerror(error);
-      failed_.store(true, std::memory_order_release);
-      failed_from_ = std::min(failed_from_, number);
-    }
-    Status status = batch_status(number);
-    if (device) {
-      ++stats_.device_flushes;
-      stats_.requests_flushed += served;
-      stats_.flush_ns += elapsed;
-    } else if (error == 0) {
-      ++stats_.clean_batches;
-    }
-    batch.swap(in_flight_);
-    flushing_ = false;
-    // Until the batch's callbacks have run and its submitters had a moment to come back, new
-    // requests wait: starting a flush for the first of them would split the group in two.
-    gathering_ = served > 1;
-    gather_target_ = served;
-    lock.unlock();
+void FlushChannel::finish_flush(std::unique_lock<std::mutex>& lock, bool gather) {
+  bool device = device_flush_;
+  int error = in_flight_error_;
+  uint64_t elapsed = now_ns() - flush_started_ns_;
+  bool observed = device || error > 0;
+  size_t served = in_flight_.size() + in_flight_waiters_;
+  size_t waiters = in_flight_waiters_;
+  uint64_t number = started_;
+  in_flight_waiters_ = 0;
+  if (error > 0) {
+    ++stats_.failed_flushes;
+    stats_.last_error = error;
+    stats_.last_error_message =
+        (device ? "device flush (fdatasync of " + region_->path() + ") failed: "
+                : "injected device flush failure: ") +
+        std::strerror(error);
+    failed_.store(true, std::memory_order_release);
+    failed_from_ = std::min(failed_from_, number);
+  }
+  Status status = batch_status(number);
+  if (device) {
+    ++stats_.device_flushes;
+    stats_.requests_flushed += served;
+    stats_.flush_ns += elapsed;
+  } else if (error == 0) {
+    ++stats_.clean_batches;
+  }
+  std::vector<Callback> batch;
+  batch.swap(in_flight_);
+  flushing_ = false;
+  // Until the batch's callbacks have run and its submitters had a moment to come back, new
+  // requests wait: starting a flush for the first of them would split the group in two.
+  gathering_ = gather && served > 1;
+  gather_target_ = served;
+  lock.unlock();
 
-    RegionObserver* observer = region_->observer();
-    if (observer != nullptr && observed) observer->device_flush_end(error == 0);
-    // Only now is the batch finished: no waiter may go on before the observer saw the flush end.
-    lock.lock();
-    finished_ = number;
-    lock.unlock();
-    if (waiters > 0) done_cv_.notify_all();
-    uint64_t t_cb = now_ns();
-    for (auto& callback : batch) callback(status);
-    uint64_t t_cb_end = now_ns();
+  RegionObserver* observer = region_->observer();
+  if (observer != nullptr && observed) observer->device_flush_end(error == 0);
+  // Only now is the batch finished: no waiter may go on before the observer saw the flush end.
+  lock.lock();
+  finished_ = number;
+  lock.unlock();
+  if (waiters > 0) done_cv_.notify_all();
+  uint64_t t_cb = now_ns();
+  for (auto& callback : batch) callback(status);
+  uint64_t t_cb_end = now_ns();
 
-    lock.lock();
-    stats_.callback_ns += t_cb_end - t_cb;
-    if (gathering_) {
-      uint64_t window = std::clamp<uint64_t>(elapsed / 4, 5'000, 250'000);
-      idle_cv_.wait_for(lock, std::chrono::nanoseconds(window),
-                        [&] { return stopping_ || pending_count() >= gather_target_; });
-      gathering_ = false;
-      stats_.gather_ns += now_ns() - t_cb_end;
-    }
-    if (!flushing_ && pending_count() > 0) start_flush(lock);
-    idle_cv_.notify_all();
-    lock.unlock();
-    batch.clear();
+  lock.lock();
+  stats_.callback_ns += t_cb_end - t_cb;
+  if (gathering_) {
+    uint64_t window = std::clamp<uint64_t>(elapsed / 4, 5'000, 250'000);
+    work_cv_.wait_for(lock, std::chrono::nanoseconds(window),
+                      [&] { return stopping_ || pending_count() >= gather_target_; });
+    gathering_ = false;
+    stats_.gather_ns += now_ns() - t_cb_end;
   }
 }
 

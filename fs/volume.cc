@@ -560,6 +560,8 @@ Status VolumeImpl::commit() {
   dirty_.clear();
   std::vector<uint64_t> freed;
   freed.swap(freed_);
+  layout_committing_.swap(layout_dirty_);
+  layout_dirty_.clear();
   uint64_t seq = ++sequence_;
   // Changes from here on belong to the next transaction, checkpointed in the other half.
   if (kill_log_) kill_log_->start(seq + 1);
@@ -606,6 +608,7 @@ Status VolumeImpl::commit() {
     if (Status s = btt_->write(lbas[i], images.data() + i * bs_); !s) return fail(s);
   }
   lock.lock();
+  layout_committing_.clear();
   for (uint64_t b : freed) quarantine_.erase(b);
   trim_cache();
   return Status::ok();
@@ -628,20 +631,30 @@ void VolumeImpl::trim_cache() {
 void VolumeImpl::committer() {
   std::unique_lock cl(commit_mu_);
   for (;;) {
-    commit_cv_.wait_for(cl, std::chrono::milliseconds(commit_interval_ms_),
-                        [this] { return commit_requested_ || stopping_; });
+    commit_cv_.wait_for(cl, std::chrono::milliseconds(commit_interval_ms_), [this] {
+      return (commit_requested_ && !committing_) || (stopping_ && !committing_);
+    });
+    if (committing_) continue;  // the interval passed while a caller commits (sync_wait)
     bool stop = stopping_;
-    std::vector<std::function<void(const Status&)>> waiters;
-    waiters.swap(waiters_);
-    commit_requested_ = false;
-    cl.unlock();
-    Status s = read_only_ ? Status::ok() : commit();
-    for (auto& w : waiters) w(s);
-    cl.lock();
-    ++commits_done_;
-    committed_cv_.notify_all();
+    run_commit(cl);
     if (stop && waiters_.empty()) return;
   }
+}
+
+void VolumeImpl::run_commit(std::unique_lock<std::mutex>& cl) {
+  committing_ = true;
+  std::vector<std::function<void(const Status&)>> waiters;
+  waiters.swap(waiters_);
+  commit_requested_ = false;
+  cl.unlock();
+  Status s = read_only_ ? Status::ok() : commit();
+  for (auto& w : waiters) w(s);
+  cl.lock();
+  committing_ = false;
+  ++commits_done_;
+  committed_cv_.notify_all();
+  // Requests that came during this commit are the committer thread's.
+  if (commit_requested_) commit_cv_.notify_all();
 }
 
 void VolumeImpl::sync(std::function<void(const Status&)> done) {
@@ -651,7 +664,30 @@ void VolumeImpl::sync(std::function<void(const Status&)> done) {
   commit_cv_.notify_all();
 }
 
+Status VolumeImpl::fsync(uint64_t ino, bool datasync) {
+  if (datasync) {
+    Lock lock(mu_);
+    if (!failed_) return failed_;
+    if (layout_dirty_.count(ino) == 0 && layout_committing_.count(ino) == 0) {
+      lock.unlock();
+      // Every block the file has, and its size, are committed: its data is all fdatasync owes.
+      return btt_->sync_wait();
+    }
+  }
+  return sync_wait();
+}
+
 Status VolumeImpl::sync_wait() {
+  std::unique_lock cl(commit_mu_);
+  if (!committing_ && !stopping_) {
+    // No commit running: this thread commits (every flush of it sent from here too), and
+    // requests queued by sync() ride along. No hand-off to the committer thread and back.
+    Status result;
+    waiters_.push_back([&result](const Status& s) { result = s; });
+    run_commit(cl);
+    return result;
+  }
+  cl.unlock();
   std::promise<Status> p;
   auto f = p.get_future();
   sync([&p](const Status& s) { p.set_value(s); });
@@ -676,7 +712,17 @@ Result<Inode> VolumeImpl::iget(uint64_t ino) {
 void VolumeImpl::iput(uint64_t ino, Inode inode) {
   inode.checksum = inode_checksum(inode, ino);
   uint64_t off = ino * kInodeSize;
-  std::memcpy(meta_mut(sb_.inode_table_start + off / bs_) + off % bs_, &inode, sizeof inode);
+  std::byte* slot = meta_mut(sb_.inode_table_start + off / bs_) + off % bs_;
+  // A new size or block map (bmap and punch_blocks flag the changes below the inode) must be
+  // committed before fdatasync can leave the journal out.
+  Inode old;
+  std::memcpy(&old, slot, sizeof old);
+  if (layout_changed_ || old.size != inode.size || old.blocks != inode.blocks ||
+      std::memcmp(old.ptr, inode.ptr, sizeof old.ptr) != 0) {
+    layout_dirty_.insert(ino);
+    layout_changed_ = false;
+  }
+  std::memcpy(slot, &inode, sizeof inode);
 }
 
 Result<uint64_t> VolumeImpl::ialloc() {
@@ -723,6 +769,7 @@ Result<uint64_t> VolumeImpl::balloc() {
     bm[bit / 8] |= std::byte(1u << (bit % 8));
     --free_blocks_;
     block_hint_ = lba + 1;
+    layout_changed_ = true;
     return lba;
   }
   return Status(ENOSPC, "no space left on the volume");
@@ -735,6 +782,7 @@ void VolumeImpl::bfree(uint64_t lba) {
   uint64_t bit = lba % (uint64_t(bs_) * 8);
   bm[bit / 8] &= ~std::byte(1u << (bit % 8));
   ++free_blocks_;
+  layout_changed_ = true;
   // Not reused until the transaction that freed it is durable: a crash before then brings the
   // old owner back, with its data.
   quarantine_.insert(lba);

@@ -75,6 +75,7 @@ class VolumeImpl final : public Volume {
   void forget(uint64_t ino, uint64_t count) override;
   void sync(std::function<void(const Status&)> done) override;
   Status sync_wait() override;
+  Status fsync(uint64_t ino, bool datasync) override;
   struct statvfs statfs() override;
   Result<std::unique_ptr<DaxMapping>> map(uint64_t ino, uint64_t offset, uint64_t length,
                                           bool synchronous) override;
@@ -251,6 +252,10 @@ class VolumeImpl final : public Volume {
 
   // Commits.
   void committer();
+  // Commits, with commit_mu_ held on entry and exit (not during the commit): answers the
+  // requests queued so far. One runs at a time (committing_), on the committer thread or on a
+  // caller of sync_wait.
+  void run_commit(std::unique_lock<std::mutex>& cl);
   Status commit();
   void throttle(Lock& lock);
 
@@ -287,6 +292,11 @@ class VolumeImpl final : public Volume {
   std::unordered_set<uint64_t> quarantine_;  // freed in a transaction not yet committed
   std::vector<uint64_t> freed_;              // freed since the last commit began
   std::unordered_map<uint64_t, std::unique_ptr<Node>> nodes_;
+  // Files whose size or blocks changed in the running transaction, and in the one committing:
+  // fdatasync of any other file needs no commit (fsync).
+  std::unordered_set<uint64_t> layout_dirty_;
+  std::unordered_set<uint64_t> layout_committing_;
+  bool layout_changed_ = false;           // a block was allocated or freed since the last iput
   std::unordered_set<uint64_t> orphans_;  // unlinked, not yet released
   std::vector<uint64_t> reap_;            // unlinked, unheld, large: for reap()
 
@@ -296,6 +306,7 @@ class VolumeImpl final : public Volume {
   std::condition_variable committed_cv_;
   std::vector<std::function<void(const Status&)>> waiters_;
   bool commit_requested_ = false;
+  bool committing_ = false;  // a commit runs (run_commit)
   bool stopping_ = false;
   uint64_t commits_done_ = 0;
   uint64_t sequence_ = 0;

@@ -8,7 +8,7 @@ set -euo pipefail
 
 packages=(
   build-essential cmake ninja-build pkg-config
-  libfuse3-dev fuse3 liburing-dev libxxhash-dev
+  libfuse3-dev fuse3 libxxhash-dev
   libgtest-dev libgmock-dev libbenchmark-dev libpmemblk-dev
   libcli11-dev nlohmann-json3-dev
   clang libclang-rt-14-dev clang-format

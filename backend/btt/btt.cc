@@ -303,10 +303,37 @@ void Btt::sync(Callback done) {
 }
 
 Status Btt::sync_wait() {
-  std::promise<Status> done;
-  auto result = done.get_future();
-  sync([&done](const Status& s) { done.set_value(s); });
-  return result.get();
+  if (region_->mode() != PersistMode::writeback || region_->read_only()) {
+    return region_->flush_channel().wait();
+  }
+  std::unique_lock lock(commit_mu_);
+  if (failed()) return Status(EIO, "BTT is read-only after a failed flush");
+  if (committing_) {
+    // A commit in flight may have begun before this call's writes: ride the next one.
+    std::promise<Status> done;
+    auto result = done.get_future();
+    waiting_.push_back([&done](const Status& s) { done.set_value(s); });
+    lock.unlock();
+    return result.get();
+  }
+  // No commit in flight: run the epoch's three steps in this thread (the flush channel's wait()
+  // sends each flush from here too), so a commit costs no hand-off between threads. Callbacks
+  // queued meanwhile by sync() ride along and run here.
+  committing_ = true;
+  committed_.swap(waiting_);
+  lock.unlock();
+  for (auto& a : arenas_) a->begin_commit();
+  FlushChannel& channel = region_->flush_channel();
+  Status s = channel.wait();
+  if (s) {
+    for (auto& a : arenas_) a->write_flog();
+    s = channel.wait();
+  }
+  if (s) {
+    apply_map();
+  }
+  finish_commit(s);
+  return s;
 }
 
 void Btt::start_commit(std::unique_lock<std::mutex>& lock) {
@@ -329,13 +356,17 @@ void Btt::commit_flog(const Status& flushed) {
 
 void Btt::commit_map(const Status& flushed) {
   if (!flushed) return finish_commit(flushed);
+  apply_map();
+  finish_commit(Status::ok());
+}
+
+void Btt::apply_map() {
   // Step 3: map entries, and the old blocks go back to their lanes as free blocks. The map
   // stores reach media with the next epoch's first flush, before any lane's next flog entry.
   uint64_t sectors = 0;
   for (auto& a : arenas_) sectors += a->write_map();
   epochs_.fetch_add(1, std::memory_order_relaxed);
   epoch_sectors_.fetch_add(sectors, std::memory_order_relaxed);
-  finish_commit(Status::ok());
 }
 
 void Btt::finish_commit(const Status& status) {

@@ -359,13 +359,21 @@ void op_release(fuse_req_t req, fuse_ino_t, fuse_file_info* fi) {
   fuse_reply_err(req, 0);
 }
 
-// fsync and fdatasync: a journal commit, then a request on the flush channel. The reply goes
-// out from the completion, so this worker thread is free at once.
-void op_fsync(fuse_req_t req, fuse_ino_t, int, fuse_file_info*) {
-  vol(req).sync([req](const Status& s) {
-    if (!s) log_message(LOG_ERR, "fsync failed: " + s.to_string());
-    reply_status(req, s);
-  });
+// fsync: a journal commit with its device flushes, answered once they completed. With no commit
+// running, this worker thread commits itself (no hand-off to the committer and back); otherwise
+// it waits for the next commit, which serves every fsync queued meanwhile. fdatasync of a file
+// whose size and blocks are committed makes only its data durable (Volume::fsync).
+void reply_fsync(fuse_req_t req, const Status& s) {
+  if (!s) log_message(LOG_ERR, "fsync failed: " + s.to_string());
+  reply_status(req, s);
+}
+
+void op_fsync(fuse_req_t req, fuse_ino_t ino, int datasync, fuse_file_info*) {
+  reply_fsync(req, vol(req).fsync(ino, datasync != 0));
+}
+
+void op_fsyncdir(fuse_req_t req, fuse_ino_t, int, fuse_file_info*) {
+  reply_fsync(req, vol(req).sync_wait());
 }
 
 void op_readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, fuse_file_info*) {
@@ -663,7 +671,7 @@ const fuse_lowlevel_ops kOps = [] {
   ops.flush = op_flush;
   ops.release = op_release;
   ops.fsync = op_fsync;
-  ops.fsyncdir = op_fsync;
+  ops.fsyncdir = op_fsyncdir;
   ops.readdir = op_readdir;
   ops.statfs = op_statfs;
   ops.setxattr = op_setxattr;

@@ -140,6 +140,7 @@ class Btt {
   // Completes once every write that returned before the call is durable. Writeback: commits
   // the current epoch (two requests on the flush channel). Direct and unsafe: at once.
   void sync(Callback done);
+  // The same, blocking; with no commit in flight, the commit runs in the caller's thread.
   Status sync_wait();
 
   // Pinned sectors keep their postmap block: writes to them go in place (no sector atomicity,
@@ -164,6 +165,7 @@ class Btt {
   void start_commit(std::unique_lock<std::mutex>& lock);
   void commit_flog(const Status& flushed);
   void commit_map(const Status& flushed);
+  void apply_map();
   void finish_commit(const Status& status);
 
   Region* region_ = nullptr;

@@ -1,6 +1,6 @@
 // The flush channel: an asynchronous flush-request queue on a region's image, modelled on
-// virtio-pmem's request virtqueue and PAPR's H_SCM_FLUSH. A device flush is an io_uring
-// IORING_OP_FSYNC (IORING_FSYNC_DATASYNC) of the image.
+// virtio-pmem's request virtqueue and PAPR's H_SCM_FLUSH. A device flush is an fdatasync of the
+// image, sent by the channel's own thread.
 //
 // Contract:
 //  - submit() returns at once; the callback runs on the channel's thread, never on the caller's,
@@ -14,8 +14,6 @@
 //  - shutdown() (and the destructor) completes every queued request before returning.
 // Callbacks must not block on the channel (wait() from a callback deadlocks).
 #pragma once
-
-#include <liburing.h>
 
 #include <atomic>
 #include <condition_variable>
@@ -54,7 +52,7 @@ class FlushChannel {
     }
   };
 
-  // Sets up the io_uring; fails when the kernel offers none.
+  // Starts the channel thread.
   static Result<std::unique_ptr<FlushChannel>> create(Region* region);
   ~FlushChannel();
   FlushChannel(const FlushChannel&) = delete;
@@ -63,7 +61,8 @@ class FlushChannel {
   // Queues a flush request. After shutdown() the callback runs at once with ESHUTDOWN.
   void submit(Callback callback);
   // Blocking request: returns once a device flush that began after the call has completed, with
-  // its result. Waiters of one batch are woken together (one broadcast, not one wake each).
+  // its result. On an idle channel the caller sends that flush itself; otherwise the waiters of
+  // one batch are woken together (one broadcast, not one wake each).
   Status wait();
   // Completes every queued request and stops the completion thread.
   void shutdown();
@@ -76,24 +75,26 @@ class FlushChannel {
 
  private:
   explicit FlushChannel(Region* region) : region_(region) {}
-  // Sends the pending batch to the device. Called with mu_ held and nothing in flight; returns
-  // with the batch in flight and mu_ held.
+  // Sends the pending batch to the device and waits for it, on the channel thread. Called and
+  // returns with mu_ held; mu_ is free while the device works.
   void start_flush(std::unique_lock<std::mutex>& lock);
-  // A request (callback or waiter) was just queued: start a flush or end the gathering.
+  // Completes the batch start_flush() sent: its result, its waiters and its callbacks; with
+  // gather, then waits for its submitters to come back. Called and returns with mu_ held.
+  void finish_flush(std::unique_lock<std::mutex>& lock, bool gather);
+  // A request (callback or waiter) was just queued: wake the channel thread when it may start.
   void queued(std::unique_lock<std::mutex>& lock);
   // The result reported for the batch with this number (failures latch).
   Status batch_status(uint64_t batch) const;
   size_t pending_count() const { return pending_.size() + pending_waiters_; }
-  // The completion thread: reaps device flushes, starts the next, runs callbacks.
+  // The channel thread: sends each batch's device flush and runs its callbacks.
   void run();
 
   Region* region_;
-  io_uring ring_{};
   std::atomic<bool> failed_{false};
 
   // Lock order: mu_ is never held while a callback or the region observer runs.
-  mutable std::mutex mu_;  // guards everything below
-  std::condition_variable idle_cv_;
+  mutable std::mutex mu_;              // guards everything below
+  std::condition_variable work_cv_;    // wakes the channel thread: requests queued, or stopping
   std::condition_variable done_cv_;    // a batch with blocked waiters finished
   std::vector<Callback> pending_;      // queued since the in-flight flush began
   std::vector<Callback> in_flight_;    // served by the flush in flight
@@ -102,8 +103,7 @@ class FlushChannel {
   uint64_t started_ = 0;               // batches sent; the in-flight one has this number
   uint64_t finished_ = 0;              // batches completed
   uint64_t failed_from_ = UINT64_MAX;  // the first batch that failed; every later one fails too
-  bool flushing_ = false;              // a device flush (or NOP stand-in) is in the ring
-  bool starting_ = false;              // the flush is being sent; the ring's SQ is in use
+  bool flushing_ = false;              // a batch is being flushed
   bool gathering_ = false;             // waiting for the last batch's submitters to come back
   size_t gather_target_ = 0;           // ... until this many requests are pending
   bool device_flush_ = false;          // the in-flight request is a real fdatasync

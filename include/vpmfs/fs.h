@@ -189,7 +189,12 @@ class Volume {
   // Makes everything written to the volume so far durable; done runs when it is (on the flush
   // channel's thread, never the caller's).
   virtual void sync(std::function<void(const Status&)> done) = 0;
+  // Blocking; with no commit running, the commit runs in the caller's thread.
   virtual Status sync_wait() = 0;
+  // fsync(2) and fdatasync(2) of one file: with datasync, when no change to the file's size or
+  // blocks waits for a commit, only its data is made durable (the BTT's epoch: two device
+  // flushes, no journal commit); otherwise as sync_wait().
+  virtual Status fsync(uint64_t ino, bool datasync) = 0;
   virtual struct statvfs statfs() = 0;
 
   // Maps [offset, offset + length) of a regular file for direct loads and stores, as mmap of a

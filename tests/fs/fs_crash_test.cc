@@ -796,5 +796,119 @@ TEST(FsCrash, XattrsFallocateAndHolesWritebackModel) {
   EXPECT_GE(points, 300u * scale());
 }
 
+// --- fdatasync without a journal commit -------------------------------------------------------
+// fdatasync of a file whose size and blocks are committed makes only its data durable. A file is
+// rewritten whole, again and again, each version followed by fdatasync; now and then a version
+// is longer (new blocks: that fdatasync must commit). After a crash, every block of the file up
+// to the size of the last fdatasync'd version holds that version or a later one, never an
+// earlier one, and fsck finds nothing wrong.
+
+struct DatasyncRecording {
+  std::unique_ptr<CrashRecorder> recorder;
+  std::vector<std::string> versions;
+  std::vector<std::size_t> started;  // events before each version's first write
+  std::vector<std::size_t> synced;   // events by which its fdatasync returned
+};
+
+DatasyncRecording record_datasyncs(const std::string& path, PersistMode mode, uint64_t seed) {
+  MountOptions mo;
+  mo.mode = mode;
+  mo.force_persistent = true;
+  mo.boot_id = kWorkloadBoot;
+  auto v = std::move(Volume::mount(path, mo).value());
+  auto a = v->mknod(kRootIno, "d", S_IFREG | 0644, 0, 0, 0);
+  EXPECT_TRUE(a);
+  DatasyncRecording rec;
+  rec.recorder = std::make_unique<CrashRecorder>(v->region());
+  SplitMix64 rng(seed);
+  std::size_t size = 3 * 4096;
+  for (int k = 0; k < 12; ++k) {
+    if (k % 4 == 3) size += 4096 + rng.below(4096);
+    std::string data = content(seed * 100 + k, size);
+    rec.started.push_back(rec.recorder->events());
+    EXPECT_TRUE(v->write(a->ino, 0, data.data(), data.size()));
+    EXPECT_TRUE(v->fsync(a->ino, /*datasync=*/true));
+    rec.synced.push_back(rec.recorder->events());
+    rec.versions.push_back(std::move(data));
+  }
+  rec.recorder->detach();
+  return rec;
+}
+
+std::string verify_datasyncs(const std::string& crashed, const DatasyncRecording& rec,
+                             std::size_t cut) {
+  MountOptions mo;
+  mo.mode = PersistMode::direct;
+  mo.force_persistent = true;
+  mo.boot_id = kRebootedBoot;
+  int last = -1;  // the last version whose fdatasync returned by the cut
+  for (std::size_t k = 0; k < rec.versions.size(); ++k) {
+    if (rec.synced[k] <= cut) last = int(k);
+  }
+  auto check = [&](Volume& v) -> std::string {
+    std::string failure;
+    auto data = read_all(v, "d", &failure);
+    if (!failure.empty() || last < 0) return failure;
+    if (!data) return "d is missing after an fdatasync";
+    const std::string& need = rec.versions[std::size_t(last)];
+    if (data->size() < need.size()) {
+      return "d is " + std::to_string(data->size()) + " bytes, its fdatasync'd version " +
+             std::to_string(need.size());
+    }
+    for (std::size_t off = 0; off < need.size(); off += 4096) {
+      // The bytes of this block the fdatasync'd version has (its last block may be partial).
+      const std::size_t len = std::min<std::size_t>(4096, need.size() - off);
+      std::string got = data->substr(off, len);
+      bool ok = false;
+      for (std::size_t k = std::size_t(last); k < rec.versions.size() && !ok; ++k) {
+        bool possible = k == std::size_t(last) || rec.started[k] < cut;
+        ok = possible && rec.versions[k].substr(off, len) == got;
+      }
+      if (!ok) {
+        std::string holds = "no version's";
+        for (std::size_t k = 0; k < rec.versions.size(); ++k) {
+          if (off < rec.versions[k].size() && rec.versions[k].substr(off, len) == got) {
+            holds = "version " + std::to_string(k) + "'s";
+          }
+        }
+        return "block " + std::to_string(off / 4096) + " of d holds " + holds +
+               " data, older than its fdatasync'd version " + std::to_string(last) + " (size " +
+               std::to_string(data->size()) + ")";
+      }
+    }
+    return "";
+  };
+  {
+    auto v = Volume::mount(crashed, mo);
+    if (!v) return "mount failed: " + v.status().to_string();
+    if (std::string failure = check(**v); !failure.empty()) return failure;
+  }
+  return fsck_problem(crashed, kRebootedBoot);
+}
+
+void crash_datasyncs(PersistMode mode, CrashModel model, uint64_t seed) {
+  TempPath path("fsdatasync-src.img");
+  TempPath crashed("fsdatasync-dst.img");
+  make_volume(path);
+  DatasyncRecording rec = record_datasyncs(path, mode, seed);
+  const std::size_t events = rec.recorder->events();
+  const std::size_t stride = std::max<std::size_t>(1, events / (150 * scale()));
+  const uint64_t seeds = std::max<uint64_t>(1, (150 * scale() + events) / (events + 1));
+  uint64_t points =
+      crash_at_points(*rec.recorder, model, stride, seeds, seed, crashed,
+                      [&](std::size_t cut) { return verify_datasyncs(crashed, rec, cut); });
+  std::printf("%s model: %llu crash points around fdatasync\n", to_string(model),
+              (unsigned long long)points);
+  EXPECT_GE(points, 150u * scale());
+}
+
+TEST(FsCrash, FdatasyncWithoutCommitWritebackModel) {
+  crash_datasyncs(PersistMode::writeback, CrashModel::writeback, 41);
+}
+
+TEST(FsCrash, FdatasyncWithoutCommitDirectModel) {
+  crash_datasyncs(PersistMode::direct, CrashModel::direct, 43);
+}
+
 }  // namespace
 }  // namespace vpmfs

@@ -1482,4 +1482,44 @@ TEST(VolumeDax, SynchronousMappingSurvivesACrash) {
 }
 
 }  // namespace
+// On a writeback region an fsync is a journal commit: the data's epoch, then the journal's, two
+// device flushes each. fdatasync of a file whose size and blocks are already committed skips
+// the journal; one that grew the file, or allocated blocks, does not.
+TEST(VolumeFsync, FdatasyncOfAnOverwriteSkipsTheJournal) {
+  TempPath path("fdatasync.img");
+  MkfsOptions o;
+  o.size = 64 << 20;
+  o.force_persistent = true;
+  ASSERT_TRUE(Volume::mkfs(path, o));
+  MountOptions m;
+  m.force_persistent = true;
+  m.mode = PersistMode::writeback;
+  auto v = std::move(Volume::mount(path, m).value());
+  auto f = v->mknod(kRootIno, "f", S_IFREG | 0644, 0, 0, 0);
+  ASSERT_TRUE(f);
+  std::string data(3 * 4096, 'a');
+  ASSERT_TRUE(v->write(f->ino, 0, data.data(), data.size()));
+  FlushChannel& channel = v->region().flush_channel();
+  auto flushes_of = [&](auto&& call) {
+    uint64_t before = channel.stats().device_flushes;
+    EXPECT_TRUE(call());
+    return channel.stats().device_flushes - before;
+  };
+  // The first fdatasync commits the new blocks and size.
+  EXPECT_EQ(flushes_of([&] { return v->fsync(f->ino, true); }), 4u);
+  ASSERT_TRUE(v->write(f->ino, 4096, "b", 1));
+  EXPECT_EQ(flushes_of([&] { return v->fsync(f->ino, true); }), 2u) << "overwrite: data only";
+  ASSERT_TRUE(v->write(f->ino, 4096, "c", 1));
+  EXPECT_EQ(flushes_of([&] { return v->fsync(f->ino, false); }), 4u) << "fsync commits mtime";
+  ASSERT_TRUE(v->write(f->ino, data.size(), "d", 1));
+  EXPECT_EQ(flushes_of([&] { return v->fsync(f->ino, true); }), 4u) << "grown: commits size";
+  // What fdatasync made durable is there after a remount.
+  v.reset();
+  v = std::move(Volume::mount(path, m).value());
+  char got[2] = {};
+  ASSERT_TRUE(v->read(f->ino, 4096, got, 1));
+  EXPECT_EQ(got[0], 'c');
+  EXPECT_EQ(v->getattr(f->ino)->size, data.size() + 1);
+}
+
 }  // namespace vpmfs
