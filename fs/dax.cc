@@ -142,6 +142,10 @@ Volume::Health VolumeImpl::health() {
   Health h;
   h.read_only = read_only_ || !failed_;
   if (!failed_) h.error = failed_.message();
+  lock.unlock();
+  std::lock_guard cl(commit_mu_);
+  h.commits = commits_done_;
+  h.syncs = syncs_answered_;
   return h;
 }
 

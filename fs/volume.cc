@@ -635,6 +635,13 @@ void VolumeImpl::committer() {
       return (commit_requested_ && !committing_) || (stopping_ && !committing_);
     });
     if (committing_) continue;  // the interval passed while a caller commits (sync_wait)
+    if (gathering_) {
+      // The callers the last commit answered come back with their next fsync soon: one commit
+      // for all of them, rather than one for the first and another for the rest.
+      commit_cv_.wait_until(cl, gather_until_,
+                            [this] { return stopping_ || waiters_.size() >= gather_target_; });
+      gathering_ = false;
+    }
     bool stop = stopping_;
     run_commit(cl);
     if (stop && waiters_.empty()) return;
@@ -647,12 +654,25 @@ void VolumeImpl::run_commit(std::unique_lock<std::mutex>& cl) {
   waiters.swap(waiters_);
   commit_requested_ = false;
   cl.unlock();
+  auto start = std::chrono::steady_clock::now();
   Status s = read_only_ ? Status::ok() : commit();
+  auto took = std::chrono::steady_clock::now() - start;
   for (auto& w : waiters) w(s);
   cl.lock();
   committing_ = false;
   ++commits_done_;
+  syncs_answered_ += waiters.size();
   committed_cv_.notify_all();
+  if (waiters.size() > 1) {
+    // As the flush channel does after a batch: wait for as many requests as this commit
+    // served, up to its own duration (on the root disk, a quarter of it split 8 fsyncing
+    // threads into commits of 4.6 on average; the whole of it gives 7.9).
+    gathering_ = true;
+    gather_target_ = waiters.size();
+    gather_until_ = std::chrono::steady_clock::now() +
+                    std::clamp<std::chrono::steady_clock::duration>(
+                        took, std::chrono::microseconds(20), std::chrono::milliseconds(2));
+  }
   // Requests that came during this commit are the committer thread's.
   if (commit_requested_) commit_cv_.notify_all();
 }
@@ -679,7 +699,7 @@ Status VolumeImpl::fsync(uint64_t ino, bool datasync) {
 
 Status VolumeImpl::sync_wait() {
   std::unique_lock cl(commit_mu_);
-  if (!committing_ && !stopping_) {
+  if (!committing_ && !gathering_ && !stopping_) {
     // No commit running: this thread commits (every flush of it sent from here too), and
     // requests queued by sync() ride along. No hand-off to the committer thread and back.
     Status result;

@@ -3,6 +3,7 @@
 
 #include <time.h>
 
+#include <chrono>
 #include <condition_variable>
 #include <map>
 #include <memory>
@@ -307,8 +308,14 @@ class VolumeImpl final : public Volume {
   std::vector<std::function<void(const Status&)>> waiters_;
   bool commit_requested_ = false;
   bool committing_ = false;  // a commit runs (run_commit)
+  // After a commit that answered several requests, the next waits until as many are queued
+  // (gather_target_) or until gather_until_: one commit for a group of fsyncing threads.
+  bool gathering_ = false;
+  std::size_t gather_target_ = 0;
+  std::chrono::steady_clock::time_point gather_until_;
   bool stopping_ = false;
   uint64_t commits_done_ = 0;
+  uint64_t syncs_answered_ = 0;
   uint64_t sequence_ = 0;
   Status failed_;
   std::thread committer_;

@@ -535,6 +535,16 @@ int cmd_status(const std::string& mountpoint, bool json) {
               {"dax", member(status, "dax")},
               {"state", state},
               {"last error", last_error.empty() ? "none" : last_error}};
+  if (flag(status, "writeback_cache")) {
+    f.emplace_back("write cache",
+                   "the kernel's write-back cache (a killed daemon loses writes "
+                   "not yet written back)");
+  }
+  if (status.contains("commits") && status["commits"].is_object()) {
+    const Json& c = status["commits"];
+    f.emplace_back("commits", member(c, "commits") + " (" + member(c, "syncs") + " fsyncs, " +
+                                  member(c, "syncs_per_commit") + " per commit)");
+  }
   if (status.contains("flush") && status["flush"].is_object()) {
     const Json& fl = status["flush"];
     f.emplace_back("flush requests", member(fl, "requests"));

@@ -424,6 +424,9 @@ std::string status_json(Daemon& d) {
   j["map_sync"] = r.map_sync();
   j["dax_shared_mmap"] = g_allow_mmap.load();  // FUSE_DIRECT_IO_ALLOW_MMAP was agreed
   j["writeback_cache"] = g_writeback_cache.load();
+  j["commits"] = {{"commits", h.commits},
+                  {"syncs", h.syncs},
+                  {"syncs_per_commit", h.commits == 0 ? 0.0 : double(h.syncs) / double(h.commits)}};
   j["flush"] = {{"requests", f.requests},
                 {"device_flushes", f.device_flushes},
                 {"requests_per_flush", f.requests_per_flush()},

@@ -216,6 +216,8 @@ class Volume {
   struct Health {
     bool read_only = false;  // mounted read-only, or turned read-only by an error
     std::string error;       // the error that turned it read-only; empty if none
+    uint64_t commits = 0;    // journal commits run (periodic ones and those sync asked for)
+    uint64_t syncs = 0;      // sync requests (fsync, fsyncdir, sync_wait) they answered
   };
   virtual Health health() = 0;
 };

@@ -577,9 +577,13 @@ TEST(Ctl, StatusOfAWritebackMount) {
   EXPECT_GE(s["flush"]["requests"].get<uint64_t>(), 1u);
   EXPECT_GE(s["flush"]["device_flushes"].get<uint64_t>(), 1u);
   EXPECT_EQ(s["flush"]["failed_flushes"], 0);
+  EXPECT_EQ(s["writeback_cache"], false);
+  EXPECT_GE(s["commits"]["commits"].get<uint64_t>(), 1u);
+  EXPECT_GE(s["commits"]["syncs"].get<uint64_t>(), 1u) << "the fsync was answered by a commit";
   r = ctl({"status", m.dir()});
   ASSERT_EQ(r.rc, 0) << r.err;
   EXPECT_TRUE(has(r.out, "MAP_SYNC refused")) << r.out;
+  EXPECT_TRUE(has(r.out, "fsyncs,")) << r.out;
 }
 
 }  // namespace
