@@ -93,7 +93,7 @@ Result<std::unique_ptr<DaxMapping>> VolumeImpl::map(uint64_t ino, uint64_t offse
     }
     // From here the file's blocks stay put: cuts and punches wait for the mapping to go.
     ++node(ino).mappings;
-    node(ino).held += 1;
+    held_.add(ino, 1);
   }
   auto mapping = std::make_unique<Mapping>(*this, ino, synchronous);
   // Holes get zeroed blocks; the size stays.

@@ -2,6 +2,7 @@
 #include <dirent.h>
 #include <linux/falloc.h>
 #include <linux/fs.h>
+#include <malloc.h>
 #include <sys/xattr.h>
 #include <unistd.h>
 
@@ -267,8 +268,7 @@ Status VolumeImpl::drop_link(uint64_t ino, Inode& inode) {
     iput(ino, inode);
     return Status::ok();
   }
-  auto it = nodes_.find(ino);
-  bool held = it != nodes_.end() && it->second->held > 0;
+  bool held = held_.get(ino) > 0;
   if (held || inode.blocks > small_file_blocks()) {
     // Still open: keep the data until the last reference goes. Large: freed a piece at a time
     // by reap() once the caller is done. Either way on the orphan chain, so that a crash in
@@ -773,18 +773,25 @@ Result<std::size_t> VolumeImpl::write_piece(uint64_t ino, uint64_t offset, const
 
 void VolumeImpl::hold(uint64_t ino, uint64_t count) {
   Lock lock(mu_);
-  node(ino).held += count;
+  held_.add(ino, count);
 }
 
 void VolumeImpl::forget(uint64_t ino, uint64_t count) {
   KillPoint kill_point{this};
   Lock lock(mu_);
+  if (held_.sub(ino, count) != 0) return;
+  // After drop_caches the kernel forgets most inodes at once: give their memory back.
+  if (held_.shrink()) malloc_trim(0);
   auto it = nodes_.find(ino);
-  if (it == nodes_.end()) return;
-  Node& n = *it->second;
-  n.held -= std::min(n.held, count);
-  if (n.held == 0 && orphans_.count(ino) != 0 && !read_only_ && failed_.is_ok())
-    release_inode(ino, lock);
+  if (it != nodes_.end() && it->second->mappings != 0) return;
+  if (orphans_.count(ino) != 0) {
+    if (!read_only_ && failed_.is_ok()) release_inode(ino, lock);
+    return;
+  }
+  // The front end forgot the inode (the kernel evicted it, or drop_caches): nothing of it stays
+  // in memory, a directory's name index included; the next lookup starts afresh. No call on it
+  // is in flight: the kernel sends FORGET only for inodes it no longer uses.
+  if (it != nodes_.end()) nodes_.erase(it);
 }
 
 struct statvfs VolumeImpl::statfs() {

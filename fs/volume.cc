@@ -324,6 +324,7 @@ void VolumeImpl::checkpoint() {
       std::vector<uint64_t> lbas(kill_dirty_.begin(), kill_dirty_.end());
       if (kill_log_->append(lbas, [this](uint64_t lba) { return cache_.at(lba).get(); })) {
         kill_dirty_.clear();
+        trim_cache();  // a safe point: this call's pointers into the cache are gone
         return;
       }
       if (attempt > 0) {
@@ -562,6 +563,7 @@ Status VolumeImpl::commit() {
   freed.swap(freed_);
   layout_committing_.swap(layout_dirty_);
   layout_dirty_.clear();
+  home_pending_ = true;
   uint64_t seq = ++sequence_;
   // Changes from here on belong to the next transaction, checkpointed in the other half.
   if (kill_log_) kill_log_->start(seq + 1);
@@ -608,6 +610,7 @@ Status VolumeImpl::commit() {
     if (Status s = btt_->write(lbas[i], images.data() + i * bs_); !s) return fail(s);
   }
   lock.lock();
+  home_pending_ = false;
   layout_committing_.clear();
   for (uint64_t b : freed) quarantine_.erase(b);
   trim_cache();
@@ -615,9 +618,9 @@ Status VolumeImpl::commit() {
 }
 
 void VolumeImpl::trim_cache() {
-  // Safe here: every clean block's image is home in the BTT (this commit's were just written),
-  // and nobody holds a pointer into the cache without mu_.
-  if (cache_.size() <= cache_limit_) return;
+  // Every clean block's image is home in the BTT, unless a commit is between its snapshot and
+  // its home writes (home_pending_); and nobody holds a pointer into the cache without mu_.
+  if (cache_.size() <= cache_limit_ || home_pending_) return;
   const std::size_t target = cache_limit_ - cache_limit_ / 4;
   for (auto it = cache_.begin(); it != cache_.end() && cache_.size() > target;) {
     if (it->first == 0 || dirty_.count(it->first) != 0 || kill_dirty_.count(it->first) != 0) {

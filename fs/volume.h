@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "format.h"
+#include "held_counts.h"
 #include "kill_log.h"
 #include "vpmfs/btt.h"
 #include "vpmfs/fs.h"
@@ -111,10 +112,10 @@ class VolumeImpl final : public Volume {
     void erase(Slot* slot);
     void set_free(uint64_t block, uint32_t largest);
   };
-  // In-memory state of an inode that is in use.
+  // In-memory state of an inode in use: made on first need (I/O, a directory's name index, a
+  // mapping), dropped when the front end forgets the inode (forget).
   struct Node {
     std::shared_mutex io;   // data I/O shared; size changes exclusive
-    uint64_t held = 0;      // front-end references (kernel lookups)
     uint64_t mappings = 0;  // live DaxMappings: its blocks must stay where they are
     std::unique_ptr<DirIndex> dir;
   };
@@ -223,7 +224,7 @@ class VolumeImpl final : public Volume {
   // may never commit); whatever grows the file zeros it first, so the growth reads zeros.
   Status zero_tail(fsfmt::Inode& inode);
   // Drops clean metadata blocks from the cache when it holds more than cache_limit_; at the
-  // end of a commit, with mu_ held.
+  // end of a commit and of a checkpoint, with mu_ held.
   void trim_cache();
   // Updates the access time after a read, as the atime mode says; true if it changed inode.
   bool touch_atime(fsfmt::Inode& inode);
@@ -267,7 +268,8 @@ class VolumeImpl final : public Volume {
   bool read_only_ = false;
   uint32_t commit_interval_ms_ = 5000;
   uint64_t max_transaction_blocks_ = 0;  // throttle's limit (0: half the journal)
-  uint64_t cache_limit_ = 16384;         // metadata blocks kept in memory (trim_cache)
+  uint64_t cache_limit_ = 4096;          // metadata blocks kept in memory (trim_cache)
+  bool home_pending_ = false;            // a commit's images are not all written home yet
   MountOptions::Atime atime_ = MountOptions::Atime::relatime;
   std::function<void(const std::string&)> on_error_;
 
@@ -293,6 +295,7 @@ class VolumeImpl final : public Volume {
   std::unordered_set<uint64_t> quarantine_;  // freed in a transaction not yet committed
   std::vector<uint64_t> freed_;              // freed since the last commit began
   std::unordered_map<uint64_t, std::unique_ptr<Node>> nodes_;
+  HeldCounts held_;  // front-end references (kernel lookups)
   // Files whose size or blocks changed in the running transaction, and in the one committing:
   // fdatasync of any other file needs no commit (fsync).
   std::unordered_set<uint64_t> layout_dirty_;

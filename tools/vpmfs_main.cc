@@ -4,6 +4,7 @@
 // /etc/fstab lines of type fuse.vpmfs. Daemonizes unless -f; the parent waits until the volume
 // is open and mounted, so every error before that reaches the terminal and the exit code.
 #include <fcntl.h>
+#include <malloc.h>
 #include <pthread.h>
 #include <signal.h>
 #include <sys/mount.h>
@@ -125,6 +126,9 @@ class Launcher {
 }  // namespace
 
 int main(int argc, char** argv) {
+  // One malloc arena: with one per FUSE worker, memory freed by one thread stays in its arena,
+  // and a million files cost 83 MiB instead of 62 (what drop_caches gives back: 30 vs 42 MiB).
+  mallopt(M_ARENA_MAX, 1);
   CLI::App app{"vpmfs: a DAX-style filesystem on a virtual pmem image, mounted through FUSE",
                "vpmfs"};
   app.footer(kOptionsHelp);

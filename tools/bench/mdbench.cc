@@ -2,9 +2,10 @@
 // close), stats and unlinks of N empty files spread over D directories, each phase timed on
 // its own. tools/bench/peers.sh runs it on vpmfs and its peers side by side.
 //
-//   vpmfs-mdbench DIR [--files N] [--dirs D] [--json]
+//   vpmfs-mdbench DIR [--files N] [--dirs D] [--json] [--create-only]
 //
-// DIR must exist; the files go into DIR/mdbench.PID/d<k>/f<i> and are gone at the end.
+// DIR must exist; the files go into DIR/mdbench.PID/d<k>/f<i> and are gone at the end, unless
+// --create-only: then they are only created (and stay), for tools/bench/memory.sh.
 #include <fcntl.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -43,11 +44,13 @@ int main(int argc, char** argv) {
   uint64_t files = 20000;
   uint64_t dirs = 10;
   bool json = false;
+  bool create_only = false;
   app.add_option("DIR", dir, "directory on the filesystem to measure")->required();
   app.add_option("--files", files, "files in all (default 20000)")->check(CLI::Range(1, 10000000));
   app.add_option("--dirs", dirs, "directories they are spread over (default 10)")
       ->check(CLI::Range(1, 100000));
   app.add_flag("--json", json, "one JSON object instead of text");
+  app.add_flag("--create-only", create_only, "create the files, time that, and leave them");
   CLI11_PARSE(app, argc, argv);
 
   std::string top = dir + "/mdbench." + std::to_string(::getpid());
@@ -67,6 +70,12 @@ int main(int argc, char** argv) {
     if (fd < 0) die("create " + p);
     ::close(fd);
   });
+  if (create_only) {
+    std::printf(
+        json ? "{\"files\": %llu, \"create_per_s\": %.0f}\n" : "%llu files: create %.0f/s\n",
+        (unsigned long long)files, creates);
+    return 0;
+  }
   double stats = rate(paths, [](const std::string& p) {
     struct stat st;
     if (::stat(p.c_str(), &st) != 0) die("stat " + p);
