@@ -13,6 +13,9 @@
 # Writes DIR/raw.csv (every figure), DIR/summary.md (best figures, spread, vpmfs's ratios to
 # each peer) and DIR/peers.png (the ratios at a glance). Default DIR: bench-results/peers-DATE.
 # --smoke: one short repetition of everything on small files (a check that the script works).
+# vpmfs images are warmed before timing (filled once and emptied), as a used image is: the first
+# store to each page of a fresh sparse image costs a page fault (and, on the disk, a block
+# allocation of the image file); --cold skips that (and --smoke implies it).
 # Needs root (mounts, drop_caches). Installs fio, fuse2fs, gnuplot and python3 when missing.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -26,6 +29,7 @@ out=""
 targets_arg=""
 workloads_arg=""
 baseline=""
+warm=1
 while (($#)); do
   case "$1" in
     --runs) runs=$2; shift 2 ;;
@@ -36,7 +40,8 @@ while (($#)); do
     --targets) targets_arg=$2; shift 2 ;;
     --workloads) workloads_arg=$2; shift 2 ;;
     --baseline) baseline=$(cd "$2" && pwd); shift 2 ;;
-    --smoke) runs=1; seconds=1; size=64M; files=500; shift ;;
+    --cold) warm=0; shift ;;
+    --smoke) runs=1; seconds=1; size=64M; files=500; warm=0; shift ;;
     -h|--help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "peers.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
@@ -101,7 +106,14 @@ mount_target() {  # target: mounts it (when it is a mount) and records its direc
       [[ $t == base* ]] && tools=$baseline
       "$tools/mkfs.vpmfs" --size $image_size "$where/$t.img" >/dev/null
       # shellcheck disable=SC2086
-      "$tools/vpmfs" "$where/$t.img" "$m" $opts ;;
+      "$tools/vpmfs" "$where/$t.img" "$m" $opts
+      if ((warm)); then
+        dd if=/dev/zero of="$m/warm" bs=1M count=$((image_size / (1 << 20) * 7 / 8)) \
+          conv=fsync status=none
+        rm "$m/warm"
+        # fsync of the directory commits, so that the blocks freed are usable at once.
+        python3 -c 'import os, sys; os.fsync(os.open(sys.argv[1], os.O_RDONLY))' "$m"
+      fi ;;
     *) echo "peers.sh: unknown target '$t'" >&2; exit 2 ;;
   esac
   dir_of[$t]=$m
@@ -202,5 +214,5 @@ for ((rep = 1; rep <= runs; rep++)); do
 done
 echo
 python3 "$repo/tools/bench/peers_report.py" "$out" \
-  "$(date -u +%Y-%m-%d) on $(nproc) CPUs, $(uname -r), $runs x ${seconds}s, files of $size"
+  "$(date -u +%Y-%m-%d) on $(nproc) CPUs, $(uname -r), $runs x ${seconds}s, files of $size$( ((warm)) || echo ", cold images")"
 echo "peers: $out/summary.md, $out/peers.png"
