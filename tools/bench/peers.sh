@@ -6,6 +6,7 @@
 # across targets (A B C, A B C) and the best of them is reported with the spread.
 #
 #   tools/bench/peers.sh [--runs N] [--time SECONDS] [--size SIZE] [--files N] [--out DIR]
+#                        [--cold]
 #                        [--targets a,b,...] [--workloads a,b,...] [--baseline BINDIR] [--smoke]
 #
 # --baseline BINDIR: also measure the vpmfs binaries in BINDIR (another build's tools/, say of
@@ -23,7 +24,7 @@ repo=$PWD
 
 runs=3
 seconds=8
-size=1G
+size=512M
 files=20000
 out=""
 targets_arg=""
@@ -86,7 +87,11 @@ cleanup() {
 }
 trap cleanup EXIT
 
-image_size=$((4 << 30))
+# Images (fuse2fs, vpmfs) of four times the file size: room for the two random-I/O files, the
+# sequential one and the rest. Everything on /dev/shm is memory: with 1 GiB files a full run
+# holds about 20 GiB there, so the default is 512 MiB.
+file_bytes=$(numfmt --from=iec "$size")
+image_size=$(( (file_bytes * 4 + (1 << 30) - 1) / (1 << 30) * (1 << 30) ))
 mount_target() {  # target: mounts it (when it is a mount) and records its directory
   local t=$1 m=$mnt/$1
   mkdir -p "$m"
