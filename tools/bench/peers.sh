@@ -25,7 +25,7 @@ repo=$PWD
 runs=3
 seconds=8
 size=512M
-files=20000
+files=10000
 out=""
 targets_arg=""
 workloads_arg=""
@@ -52,7 +52,7 @@ done
   { echo "peers.sh: --runs and --time take positive whole numbers" >&2; exit 2; }
 
 # passthrough_ll keeps a descriptor open for every inode it has looked up: the metadata
-# workload's files need more than the usual 1024.
+# workload's files need more than the usual 1024 (and fewer than the hard limit, often 20,000).
 ulimit -n "$(ulimit -Hn)"
 bash scripts/deps.sh --bench
 cmake -S . -B build/release -G Ninja -DCMAKE_BUILD_TYPE=Release >/dev/null
@@ -216,7 +216,9 @@ for ((rep = 1; rep <= runs; rep++)); do
         continue
       fi
       printf '\r\033[Kpeers: repetition %d/%d: %s on %s' "$rep" "$runs" "$w" "$t"
-      run_workload "$rep" "$t" "$w"
+      # A target that fails one workload (a peer out of descriptors, say) loses that figure,
+      # not the run.
+      run_workload "$rep" "$t" "$w" || echo " peers: $w on $t failed; no figure" >&2
     done
   done
 done

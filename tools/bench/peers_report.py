@@ -13,7 +13,10 @@ targets, rows = [], []
 with open(f"{out}/raw.csv") as f:
     for r in csv.DictReader(f):
         key = (r["target"], r["workload"], r["metric"])
-        figures[key].append(float(r["value"]))
+        try:
+            figures[key].append(float(r["value"]))
+        except ValueError:
+            continue  # a workload that failed on that target left no figure
         if r["target"] not in targets:
             targets.append(r["target"])
         if (r["workload"], r["metric"]) not in rows:
