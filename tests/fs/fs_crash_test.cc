@@ -316,22 +316,27 @@ std::string verify_cuts(const std::string& crashed, const CutRecording& rec, std
   return fsck_problem(crashed, kRebootedBoot);
 }
 
+// Crashes a recording at `wanted` x scale points: spread over its events, and where there are
+// fewer events than that, several crash images (seeds) at each. Says how many, `what` they hit.
+void crash_spread(const CrashRecorder& recorder, CrashModel model, uint64_t wanted, uint64_t seed,
+                  const std::string& crashed, const char* what,
+                  const std::function<std::string(std::size_t)>& verify) {
+  const std::size_t events = recorder.events();
+  const std::size_t stride = std::max<std::size_t>(1, events / (wanted * scale()));
+  const uint64_t seeds = std::max<uint64_t>(1, (wanted * scale() + events) / (events + 1));
+  uint64_t points = crash_at_points(recorder, model, stride, seeds, seed, crashed, verify);
+  std::printf("%s model: %llu crash points %s\n", to_string(model), (unsigned long long)points,
+              what);
+  EXPECT_GE(points, wanted * scale());
+}
+
 void crash_cuts(PersistMode mode, CrashModel model, uint64_t seed) {
   TempPath path("fscut-src.img");
   TempPath crashed("fscut-dst.img");
   make_volume(path, 512);  // more pieces, more transactions
   CutRecording rec = record_cuts(path, mode, seed);
-  // 100 x scale crash points: spread over the events, and where there are fewer events than
-  // that, several crash images (seeds) at each.
-  const std::size_t events = rec.recorder->events();
-  const std::size_t stride = std::max<std::size_t>(1, events / (100 * scale()));
-  const uint64_t seeds = std::max<uint64_t>(1, (100 * scale() + events) / (events + 1));
-  uint64_t points =
-      crash_at_points(*rec.recorder, model, stride, seeds, seed, crashed,
-                      [&](std::size_t cut) { return verify_cuts(crashed, rec, cut); });
-  std::printf("%s model: %llu crash points in large cuts and deletes\n", to_string(model),
-              (unsigned long long)points);
-  EXPECT_GE(points, 100u * scale());
+  crash_spread(*rec.recorder, model, 100, seed, crashed, "in large cuts and deletes",
+               [&](std::size_t cut) { return verify_cuts(crashed, rec, cut); });
 }
 
 TEST(FsCrash, LargeCutsAndDeletesDirectModel) {
@@ -891,15 +896,8 @@ void crash_datasyncs(PersistMode mode, CrashModel model, uint64_t seed) {
   TempPath crashed("fsdatasync-dst.img");
   make_volume(path);
   DatasyncRecording rec = record_datasyncs(path, mode, seed);
-  const std::size_t events = rec.recorder->events();
-  const std::size_t stride = std::max<std::size_t>(1, events / (150 * scale()));
-  const uint64_t seeds = std::max<uint64_t>(1, (150 * scale() + events) / (events + 1));
-  uint64_t points =
-      crash_at_points(*rec.recorder, model, stride, seeds, seed, crashed,
-                      [&](std::size_t cut) { return verify_datasyncs(crashed, rec, cut); });
-  std::printf("%s model: %llu crash points around fdatasync\n", to_string(model),
-              (unsigned long long)points);
-  EXPECT_GE(points, 150u * scale());
+  crash_spread(*rec.recorder, model, 150, seed, crashed, "around fdatasync",
+               [&](std::size_t cut) { return verify_datasyncs(crashed, rec, cut); });
 }
 
 TEST(FsCrash, FdatasyncWithoutCommitWritebackModel) {

@@ -1377,16 +1377,26 @@ TEST_P(VolumeTest, MappingsFillHolesPinBlocksAndBlockCuts) {
   expect_fsck_clean();
 }
 
-TEST(VolumeDax, SynchronousMappingsNeedADirectRegion) {
-  TempPath path("dax-wb.img");
-  MkfsOptions o;
-  o.size = 64 << 20;
-  o.force_persistent = true;
-  ASSERT_TRUE(Volume::mkfs(path, o));
+// A writeback mount (the flush channel does real work), and a fresh 64 MiB volume under it.
+MountOptions writeback_mount() {
   MountOptions m;
   m.force_persistent = true;
   m.mode = PersistMode::writeback;
-  auto v = std::move(Volume::mount(path, m).value());
+  return m;
+}
+
+std::unique_ptr<Volume> fresh_writeback_volume(const std::string& path) {
+  MkfsOptions o;
+  o.size = 64 << 20;
+  o.force_persistent = true;
+  EXPECT_TRUE(Volume::mkfs(path, o));
+  return std::move(Volume::mount(path, writeback_mount()).value());
+}
+
+TEST(VolumeDax, SynchronousMappingsNeedADirectRegion) {
+  TempPath path("dax-wb.img");
+  const MountOptions m = writeback_mount();
+  auto v = fresh_writeback_volume(path);
   auto f = v->mknod(kRootIno, "f", S_IFREG | 0644, 0, 0, 0);
   ASSERT_TRUE(f);
   SetAttr c;
@@ -1481,20 +1491,12 @@ TEST(VolumeDax, SynchronousMappingSurvivesACrash) {
   }
 }
 
-}  // namespace
 // On a writeback region an fsync is a journal commit: the data's epoch, then the journal's, two
 // device flushes each. fdatasync of a file whose size and blocks are already committed skips
 // the journal; one that grew the file, or allocated blocks, does not.
 TEST(VolumeFsync, FdatasyncOfAnOverwriteSkipsTheJournal) {
   TempPath path("fdatasync.img");
-  MkfsOptions o;
-  o.size = 64 << 20;
-  o.force_persistent = true;
-  ASSERT_TRUE(Volume::mkfs(path, o));
-  MountOptions m;
-  m.force_persistent = true;
-  m.mode = PersistMode::writeback;
-  auto v = std::move(Volume::mount(path, m).value());
+  auto v = fresh_writeback_volume(path);
   auto f = v->mknod(kRootIno, "f", S_IFREG | 0644, 0, 0, 0);
   ASSERT_TRUE(f);
   std::string data(3 * 4096, 'a');
@@ -1515,11 +1517,12 @@ TEST(VolumeFsync, FdatasyncOfAnOverwriteSkipsTheJournal) {
   EXPECT_EQ(flushes_of([&] { return v->fsync(f->ino, true); }), 4u) << "grown: commits size";
   // What fdatasync made durable is there after a remount.
   v.reset();
-  v = std::move(Volume::mount(path, m).value());
+  v = std::move(Volume::mount(path, writeback_mount()).value());
   char got[2] = {};
   ASSERT_TRUE(v->read(f->ino, 4096, got, 1));
   EXPECT_EQ(got[0], 'c');
   EXPECT_EQ(v->getattr(f->ino)->size, data.size() + 1);
 }
 
+}  // namespace
 }  // namespace vpmfs
