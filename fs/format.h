@@ -111,6 +111,10 @@ struct Timestamp {
   uint32_t nsec;
 };
 
+inline bool operator<(const Timestamp& a, const Timestamp& b) {
+  return a.sec != b.sec ? a.sec < b.sec : a.nsec < b.nsec;
+}
+
 struct Inode {
   uint32_t mode;  // 0: free
   uint32_t nlink;

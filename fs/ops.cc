@@ -45,6 +45,13 @@ Result<Attr> VolumeImpl::getattr(uint64_t ino) {
   return to_attr(ino, *inode);
 }
 
+Result<Attr> VolumeImpl::peek_attr(uint64_t ino) {
+  Lock lock(mu_);
+  auto inode = iget(ino);
+  if (!inode) return inode.status();
+  return to_attr(ino, *inode, false);
+}
+
 Result<Attr> VolumeImpl::lookup(uint64_t parent, std::string_view name) {
   if (name.size() > 255) return Status(ENAMETOOLONG, "name longer than 255 bytes");
   Lock lock(mu_);
@@ -741,13 +748,13 @@ Result<std::size_t> VolumeImpl::write_piece(uint64_t ino, uint64_t offset, const
       if (Status s = zero_tail(*inode); !s) return s;
     }
     inode->size = std::max(inode->size, end);
-    set_times(*inode, now(), kMtime | kCtime);
+    stamp_write(ino, *inode);
     iput(ino, *inode);
     break;
   }
   // The data, without the volume lock. Whole blocks go straight from the caller's buffer into
   // the BTT's free block: the only copy.
-  std::vector<std::byte> tmp(bs_);
+  std::vector<std::byte> tmp;  // a partial block's read-modify-write
   uint64_t pos = offset;
   for (const Target& t : targets) {
     uint64_t at = pos % bs_;
@@ -756,6 +763,7 @@ Result<std::size_t> VolumeImpl::write_piece(uint64_t ino, uint64_t offset, const
     if (n_bytes == bs_) {
       s = btt_->write(t.lba, in);
     } else {
+      tmp.resize(bs_);
       if (t.fresh) {
         std::memset(tmp.data(), 0, bs_);  // never show what the block held before
       } else if (s = btt_->read(t.lba, tmp.data()); !s) {

@@ -719,6 +719,24 @@ Status VolumeImpl::sync_wait() {
 
 // --- inodes and blocks -----------------------------------------------------------------------
 
+void VolumeImpl::stamp_write(uint64_t ino, Inode& inode) {
+  Node& n = node(ino);
+  Timestamp t;
+  if (n.times_seen) {
+    t = now();
+    n.times_seen = false;
+  } else {
+    timespec c;
+    clock_gettime(CLOCK_REALTIME_COARSE, &c);
+    t = Timestamp{c.tv_sec, uint32_t(c.tv_nsec)};
+    // Never back in time: a fine-grained stamp may be ahead of the tick.
+    Timestamp newest = std::max(Timestamp{inode.mtime_sec, inode.mtime_nsec},
+                                Timestamp{inode.ctime_sec, inode.ctime_nsec});
+    if (!(newest < t)) return;
+  }
+  set_times(inode, t, kMtime | kCtime);
+}
+
 Result<Inode> VolumeImpl::iget(uint64_t ino) {
   if (ino == 0 || ino >= sb_.inode_count || !inode_used_[ino]) {
     return Status(ENOENT, "no inode " + std::to_string(ino));
@@ -735,11 +753,14 @@ Result<Inode> VolumeImpl::iget(uint64_t ino) {
 void VolumeImpl::iput(uint64_t ino, Inode inode) {
   inode.checksum = inode_checksum(inode, ino);
   uint64_t off = ino * kInodeSize;
-  std::byte* slot = meta_mut(sb_.inode_table_start + off / bs_) + off % bs_;
+  uint64_t lba = sb_.inode_table_start + off / bs_;
+  Inode old;
+  std::memcpy(&old, meta(lba) + off % bs_, sizeof old);
+  // Unchanged (an overwrite within the clock's tick, say): nothing to journal.
+  if (!layout_changed_ && std::memcmp(&old, &inode, sizeof inode) == 0) return;
+  std::byte* slot = meta_mut(lba) + off % bs_;
   // A new size or block map (bmap and punch_blocks flag the changes below the inode) must be
   // committed before fdatasync can leave the journal out.
-  Inode old;
-  std::memcpy(&old, slot, sizeof old);
   if (layout_changed_ || old.size != inode.size || old.blocks != inode.blocks ||
       std::memcmp(old.ptr, inode.ptr, sizeof old.ptr) != 0) {
     layout_dirty_.insert(ino);
@@ -934,7 +955,8 @@ Status VolumeImpl::truncate_blocks(Inode& inode, uint64_t keep) {
   return Status::ok();
 }
 
-Attr VolumeImpl::to_attr(uint64_t ino, const Inode& inode) const {
+Attr VolumeImpl::to_attr(uint64_t ino, const Inode& inode, bool report) {
+  if (auto it = nodes_.find(ino); report && it != nodes_.end()) it->second->times_seen = true;
   Attr a;
   a.ino = ino;
   a.mode = inode.mode;

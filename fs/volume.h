@@ -45,6 +45,7 @@ class VolumeImpl final : public Volume {
   Region& region() override { return *region_; }
 
   Result<Attr> getattr(uint64_t ino) override;
+  Result<Attr> peek_attr(uint64_t ino) override;
   Result<Attr> lookup(uint64_t parent, std::string_view name) override;
   Result<Attr> mknod(uint64_t parent, std::string_view name, uint32_t mode, uint64_t rdev,
                      uint32_t uid, uint32_t gid, uint32_t umask = 0) override;
@@ -118,6 +119,9 @@ class VolumeImpl final : public Volume {
     std::shared_mutex io;   // data I/O shared; size changes exclusive
     uint64_t mappings = 0;  // live DaxMappings: its blocks must stay where they are
     std::unique_ptr<DirIndex> dir;
+    // The inode's times were reported (to_attr) since a write last stamped them: the next write
+    // stamps a fine-grained time, so that whoever looked sees the change (stamp_write).
+    bool times_seen = true;
   };
 
   VolumeImpl() = default;
@@ -238,7 +242,14 @@ class VolumeImpl final : public Volume {
   // lock (the caller's); takes the data gate itself.
   Result<std::size_t> write_piece(uint64_t ino, uint64_t offset, const std::byte* in,
                                   std::size_t len);
-  Attr to_attr(uint64_t ino, const fsfmt::Inode& inode) const;
+  // Attributes as the front end reports them; marks the times as seen (stamp_write) unless
+  // `report` is false.
+  Attr to_attr(uint64_t ino, const fsfmt::Inode& inode, bool report = true);
+  // mtime and ctime for a data write, as Linux's multigrain timestamps: the clock's tick
+  // (CLOCK_REALTIME_COARSE), unless the times were reported since the last write, then the fine
+  // clock. Leaves the inode as it is when the tick has not moved past its times: a stream of
+  // overwrites then changes no metadata between ticks, and has nothing to journal.
+  void stamp_write(uint64_t ino, fsfmt::Inode& inode);
 
   // Copies the metadata blocks changed since the last checkpoint into the kill log, so that a
   // killed daemon loses none of the changes made so far. Called by every changing call before

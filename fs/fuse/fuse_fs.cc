@@ -181,7 +181,7 @@ void kill_privileges(fuse_req_t req, fuse_ino_t ino, bool chown) {
   Volume& v = vol(req);
   bool root = fuse_req_ctx(req)->uid == 0;
   if (root && !chown) return;
-  auto attr = v.getattr(ino);
+  auto attr = v.peek_attr(ino);
   if (!attr || !S_ISREG(attr->mode) || !(attr->mode & (S_ISUID | S_ISGID))) return;
   uint32_t kill = 0;
   if (attr->mode & S_ISUID) kill |= S_ISUID;
@@ -301,7 +301,7 @@ void setup_open(fuse_req_t req, const Attr& attr, fuse_file_info* fi) {
 }
 
 void op_open(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
-  auto attr = vol(req).getattr(ino);
+  auto attr = vol(req).peek_attr(ino);
   if (!attr) {
     fuse_reply_err(req, attr.status().error());
     return;
@@ -444,7 +444,7 @@ void op_setxattr(fuse_req_t req, fuse_ino_t ino, const char* name, const char* v
   if (s && std::strcmp(name, "system.posix_acl_access") == 0) {
     // Setting an access ACL drops setgid when its setter is neither root nor in the group
     // (posix_acl_update_mode); the kernel leaves that to the server here.
-    auto attr = vol(req).getattr(ino);
+    auto attr = vol(req).peek_attr(ino);
     if (attr && (attr->mode & S_ISGID) && fuse_req_ctx(req)->uid != 0 &&
         !caller_in_group(req, attr->gid)) {
       SetAttr c;
@@ -583,7 +583,7 @@ void op_ioctl(fuse_req_t req, fuse_ino_t ino, unsigned int cmd, void*, fuse_file
   Volume& v = vol(req);
   switch (cmd) {
     case FS_IOC_FSGETXATTR: {
-      auto attr = v.getattr(ino);
+      auto attr = v.peek_attr(ino);
       if (!attr) return reply_status(req, attr.status());
       struct fsxattr fa {};
       fa.fsx_xflags = attr->flags;
@@ -599,7 +599,7 @@ void op_ioctl(fuse_req_t req, fuse_ino_t ino, unsigned int cmd, void*, fuse_file
       return reply_ioctl_status(req, v.set_xflags(ino, fa.fsx_xflags).status());
     }
     case FS_IOC_GETFLAGS: {
-      auto attr = v.getattr(ino);
+      auto attr = v.peek_attr(ino);
       if (!attr) return reply_status(req, attr.status());
       unsigned int fl = (attr->flags & FS_XFLAG_DAX) ? FS_DAX_FL : 0;
       return reply_ioctl_value(req, &fl, sizeof fl, out_size);

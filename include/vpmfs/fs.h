@@ -135,6 +135,9 @@ class Volume {
   virtual Region& region() = 0;
 
   virtual Result<Attr> getattr(uint64_t ino) = 0;
+  // getattr for a front end's own checks, not reported to anyone: unlike getattr (and every call
+  // that returns an Attr) it does not make the next write stamp a fine-grained time (see write).
+  virtual Result<Attr> peek_attr(uint64_t ino) = 0;
   virtual Result<Attr> lookup(uint64_t parent, std::string_view name) = 0;
   // Creates a regular file, fifo, socket or device node (by the type bits of mode).
   //
@@ -159,6 +162,10 @@ class Volume {
   virtual Result<Attr> setattr(uint64_t ino, const SetAttr& change) = 0;
 
   virtual Result<std::size_t> read(uint64_t ino, uint64_t offset, void* buf, std::size_t len) = 0;
+  // Sets mtime and ctime as Linux's multigrain timestamps do: to the clock's tick
+  // (CLOCK_REALTIME_COARSE, a few ms), or to the fine clock when the times were reported since
+  // the last write, so that whoever looked sees them change. Writes within one tick that neither
+  // grow the file nor allocate change no metadata.
   virtual Result<std::size_t> write(uint64_t ino, uint64_t offset, const void* buf,
                                     std::size_t len) = 0;
   // Calls emit for entries after `offset` (0: from the start, including "." and "..") until it

@@ -286,6 +286,26 @@ TEST_F(Posix, AttributesWithNanoseconds) {
   EXPECT_EQ(st.st_mtim.tv_nsec, 987654321);
 }
 
+// Through the kernel's attribute cache: every write after a stat shows a new mtime, however
+// fast they come (vpmfs stamps the coarse clock only while nobody looks).
+TEST_F(Posix, EveryWriteAfterAStatShowsANewMtime) {
+  int fd = ::open(p("t").c_str(), O_CREAT | O_RDWR, 0644);
+  ASSERT_GE(fd, 0);
+  struct stat before {};
+  ASSERT_EQ(::fstat(fd, &before), 0);
+  for (int i = 0; i < 200; ++i) {
+    ASSERT_EQ(::pwrite(fd, "x", 1, 0), 1);
+    struct stat after {};
+    ASSERT_EQ(::fstat(fd, &after), 0);
+    bool newer = before.st_mtim.tv_sec < after.st_mtim.tv_sec ||
+                 (before.st_mtim.tv_sec == after.st_mtim.tv_sec &&
+                  before.st_mtim.tv_nsec < after.st_mtim.tv_nsec);
+    EXPECT_TRUE(newer) << "write " << i;
+    before = after;
+  }
+  ::close(fd);
+}
+
 TEST_F(Posix, SpecialFiles) {
   ASSERT_EQ(::mkfifo(p("fifo").c_str(), 0644), 0);
   ASSERT_EQ(::mknod(p("null").c_str(), S_IFCHR | 0644, makedev(1, 3)), 0);
