@@ -640,9 +640,10 @@ void VolumeImpl::committer() {
     if (committing_) continue;  // the interval passed while a caller commits (sync_wait)
     if (gathering_) {
       // The callers the last commit answered come back with their next fsync soon: one commit
-      // for all of them, rather than one for the first and another for the rest.
-      commit_cv_.wait_until(cl, gather_until_,
-                            [this] { return stopping_ || waiters_.size() >= gather_target_; });
+      // for all of them, rather than one for the first and another for the rest. The caller
+      // that completes the group commits it (commit_or_join); this thread, if time runs out.
+      commit_cv_.wait_until(cl, gather_until_, [this] { return stopping_ || !gathering_; });
+      if (!gathering_) continue;
       gathering_ = false;
     }
     bool stop = stopping_;
@@ -687,34 +688,54 @@ void VolumeImpl::sync(std::function<void(const Status&)> done) {
   commit_cv_.notify_all();
 }
 
-Status VolumeImpl::fsync(uint64_t ino, bool datasync) {
+void VolumeImpl::fsync(uint64_t ino, bool datasync, std::function<void(const Status&)> done) {
   if (datasync) {
     Lock lock(mu_);
-    if (!failed_) return failed_;
+    if (!failed_) {
+      Status failed = failed_;
+      lock.unlock();
+      return done(failed);
+    }
     if (layout_dirty_.count(ino) == 0 && layout_committing_.count(ino) == 0) {
       lock.unlock();
       // Every block the file has, and its size, are committed: its data is all fdatasync owes.
-      return btt_->sync_wait();
+      return btt_->sync_or_join(std::move(done));
     }
   }
-  return sync_wait();
+  commit_or_join(std::move(done));
+}
+
+Status VolumeImpl::fsync(uint64_t ino, bool datasync) {
+  std::promise<Status> p;
+  auto f = p.get_future();
+  fsync(ino, datasync, [&p](const Status& s) { p.set_value(s); });
+  return f.get();
 }
 
 Status VolumeImpl::sync_wait() {
-  std::unique_lock cl(commit_mu_);
-  if (!committing_ && !gathering_ && !stopping_) {
-    // No commit running: this thread commits (every flush of it sent from here too), and
-    // requests queued by sync() ride along. No hand-off to the committer thread and back.
-    Status result;
-    waiters_.push_back([&result](const Status& s) { result = s; });
-    run_commit(cl);
-    return result;
-  }
-  cl.unlock();
   std::promise<Status> p;
   auto f = p.get_future();
-  sync([&p](const Status& s) { p.set_value(s); });
+  commit_or_join([&p](const Status& s) { p.set_value(s); });
   return f.get();
+}
+
+void VolumeImpl::commit_or_join(std::function<void(const Status&)> done) {
+  std::unique_lock cl(commit_mu_);
+  waiters_.push_back(std::move(done));
+  commit_requested_ = true;
+  if (committing_ || stopping_) return;  // the next commit answers it
+  if (gathering_) {
+    // The committer thread waits for the group (from its first request on; this wakes it) or
+    // until time runs out; the caller that completes the group commits it.
+    if (waiters_.size() < gather_target_) {
+      if (waiters_.size() == 1) commit_cv_.notify_all();
+      return;
+    }
+    gathering_ = false;
+  }
+  // No commit running: this thread commits (every flush of it sent from here too), and
+  // requests queued by sync() ride along. No hand-off to the committer thread and back.
+  run_commit(cl);
 }
 
 // --- inodes and blocks -----------------------------------------------------------------------

@@ -79,6 +79,7 @@ class VolumeImpl final : public Volume {
   void sync(std::function<void(const Status&)> done) override;
   Status sync_wait() override;
   Status fsync(uint64_t ino, bool datasync) override;
+  void fsync(uint64_t ino, bool datasync, std::function<void(const Status&)> done) override;
   struct statvfs statfs() override;
   Result<std::unique_ptr<DaxMapping>> map(uint64_t ino, uint64_t offset, uint64_t length,
                                           bool synchronous) override;
@@ -269,6 +270,9 @@ class VolumeImpl final : public Volume {
   // requests queued so far. One runs at a time (committing_), on the committer thread or on a
   // caller of sync_wait.
   void run_commit(std::unique_lock<std::mutex>& cl);
+  // Queues done for a commit: run here, now, when none is running (and no group is gathering,
+  // or this call completes it); otherwise the next commit answers it in its own thread.
+  void commit_or_join(std::function<void(const Status&)> done);
   Status commit();
   void throttle(Lock& lock);
 

@@ -302,25 +302,28 @@ void Btt::sync(Callback done) {
   if (!committing_) start_commit(lock);
 }
 
-Status Btt::sync_wait() {
+void Btt::sync_or_join(Callback done) {
   if (region_->mode() != PersistMode::writeback || region_->read_only()) {
-    return region_->flush_channel().wait();
+    done(region_->flush_channel().wait());
+    return;
   }
   std::unique_lock lock(commit_mu_);
-  if (failed()) return Status(EIO, "BTT is read-only after a failed flush");
+  if (failed()) {
+    lock.unlock();
+    done(Status(EIO, "BTT is read-only after a failed flush"));
+    return;
+  }
   if (committing_) {
     // A commit in flight may have begun before this call's writes: ride the next one.
-    std::promise<Status> done;
-    auto result = done.get_future();
-    waiting_.push_back([&done](const Status& s) { done.set_value(s); });
-    lock.unlock();
-    return result.get();
+    waiting_.push_back(std::move(done));
+    return;
   }
   // No commit in flight: run the epoch's three steps in this thread (the flush channel's wait()
   // sends each flush from here too), so a commit costs no hand-off between threads. Callbacks
   // queued meanwhile by sync() ride along and run here.
   committing_ = true;
   committed_.swap(waiting_);
+  committed_.push_back(std::move(done));
   lock.unlock();
   for (auto& a : arenas_) a->begin_commit();
   FlushChannel& channel = region_->flush_channel();
@@ -333,7 +336,13 @@ Status Btt::sync_wait() {
     apply_map();
   }
   finish_commit(s);
-  return s;
+}
+
+Status Btt::sync_wait() {
+  std::promise<Status> done;
+  auto result = done.get_future();
+  sync_or_join([&done](const Status& s) { done.set_value(s); });
+  return result.get();
 }
 
 void Btt::start_commit(std::unique_lock<std::mutex>& lock) {

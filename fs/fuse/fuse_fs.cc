@@ -361,19 +361,20 @@ void op_release(fuse_req_t req, fuse_ino_t, fuse_file_info* fi) {
 
 // fsync: a journal commit with its device flushes, answered once they completed. With no commit
 // running, this worker thread commits itself (no hand-off to the committer and back); otherwise
-// it waits for the next commit, which serves every fsync queued meanwhile. fdatasync of a file
-// whose size and blocks are committed makes only its data durable (Volume::fsync).
+// the request joins the next commit, which answers every fsync queued meanwhile from its own
+// thread, and this worker goes back to the queue instead of sleeping until then. fdatasync of a
+// file whose size and blocks are committed makes only its data durable (Volume::fsync).
 void reply_fsync(fuse_req_t req, const Status& s) {
   if (!s) log_message(LOG_ERR, "fsync failed: " + s.to_string());
   reply_status(req, s);
 }
 
 void op_fsync(fuse_req_t req, fuse_ino_t ino, int datasync, fuse_file_info*) {
-  reply_fsync(req, vol(req).fsync(ino, datasync != 0));
+  vol(req).fsync(ino, datasync != 0, [req](const Status& s) { reply_fsync(req, s); });
 }
 
-void op_fsyncdir(fuse_req_t req, fuse_ino_t, int, fuse_file_info*) {
-  reply_fsync(req, vol(req).sync_wait());
+void op_fsyncdir(fuse_req_t req, fuse_ino_t ino, int, fuse_file_info*) {
+  vol(req).fsync(ino, false, [req](const Status& s) { reply_fsync(req, s); });
 }
 
 void op_readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, fuse_file_info*) {

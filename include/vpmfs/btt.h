@@ -140,6 +140,10 @@ class Btt {
   // Completes once every write that returned before the call is durable. Writeback: commits
   // the current epoch (two requests on the flush channel). Direct and unsafe: at once.
   void sync(Callback done);
+  // The same, never waiting for another thread: with no commit in flight the commit runs in the
+  // caller's thread and done runs there before this returns; otherwise done joins the next
+  // commit and runs in its thread.
+  void sync_or_join(Callback done);
   // The same, blocking; with no commit in flight, the commit runs in the caller's thread.
   Status sync_wait();
 

@@ -204,6 +204,10 @@ class Volume {
   // blocks waits for a commit, only its data is made durable (the BTT's epoch: two device
   // flushes, no journal commit); otherwise as sync_wait().
   virtual Status fsync(uint64_t ino, bool datasync) = 0;
+  // The same without waiting for another thread: when no commit is running the caller commits
+  // and done runs before this returns; otherwise done runs in the thread of the commit that
+  // covers the call. A front end answers its fsync request from done and goes on meanwhile.
+  virtual void fsync(uint64_t ino, bool datasync, std::function<void(const Status&)> done) = 0;
   virtual struct statvfs statfs() = 0;
 
   // Maps [offset, offset + length) of a regular file for direct loads and stores, as mmap of a

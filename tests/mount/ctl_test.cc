@@ -6,10 +6,13 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <chrono>
 #include <cstring>
 #include <fstream>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include <gtest/gtest.h>
@@ -584,6 +587,62 @@ TEST(Ctl, StatusOfAWritebackMount) {
   ASSERT_EQ(r.rc, 0) << r.err;
   EXPECT_TRUE(has(r.out, "MAP_SYNC refused")) << r.out;
   EXPECT_TRUE(has(r.out, "fsyncs,")) << r.out;
+}
+
+// Concurrent fsyncs through the mount: a FUSE worker never sleeps on another thread's commit;
+// a request that joins a commit in flight is answered from the commit that covers it. Every
+// fsync is answered without waiting for the periodic commit (set far out here), several share
+// a commit, and what they made durable is there after the daemon is killed. The threads stop
+// one after another, so groups of fsyncs shrink and a commit gathering a group times out.
+TEST(Ctl, ConcurrentFsyncsShareCommitsAndAreAllAnswered) {
+  Mount m("ctl-fsync-group", {"sync_dax=writeback", "commit=600"});
+  ASSERT_TRUE(m.mounted());
+  constexpr int kThreads = 8;
+  auto rounds = [](int t) { return 40 + 20 * t; };
+  uint64_t total = 0;
+  for (int t = 0; t < kThreads; ++t) total += uint64_t(rounds(t));
+  auto start = std::chrono::steady_clock::now();
+  std::vector<std::thread> threads;
+  std::vector<int> failures(kThreads, 0);
+  for (int t = 0; t < kThreads; ++t) {
+    threads.emplace_back([&, t] {
+      int fd = ::open(m.path("f" + std::to_string(t)).c_str(), O_RDWR | O_CREAT, 0644);
+      if (fd < 0) {
+        ++failures[t];
+        return;
+      }
+      std::string block(4096, '\0');
+      for (int r = 0; r < rounds(t); ++r) {
+        std::memset(block.data(), 'a' + r % 26, block.size());
+        if (::pwrite(fd, block.data(), block.size(), off_t(r % 8) * 4096) != 4096) ++failures[t];
+        if (::fsync(fd) != 0) ++failures[t];
+      }
+      ::close(fd);
+    });
+  }
+  for (auto& th : threads) th.join();
+  auto took = std::chrono::steady_clock::now() - start;
+  EXPECT_EQ(std::count(failures.begin(), failures.end(), 0), kThreads);
+  // A request left for a commit that nobody started would wait for the periodic one (600 s).
+  EXPECT_LT(took, std::chrono::seconds(120)) << "an fsync waited for the periodic commit";
+  CtlRun r = ctl({"status", m.dir(), "--json"});
+  ASSERT_EQ(r.rc, 0) << r.err;
+  Json s = parse(r);
+  uint64_t syncs = s["commits"]["syncs"].get<uint64_t>();
+  EXPECT_GE(syncs, total);
+  EXPECT_LT(s["commits"]["commits"].get<uint64_t>(), syncs) << "no two fsyncs shared a commit";
+  m.kill_daemon();
+  m.start();
+  for (int t = 0; t < kThreads; ++t) {
+    std::ifstream in(m.path("f" + std::to_string(t)), std::ios::binary);
+    std::string got((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    ASSERT_EQ(got.size(), 8u * 4096) << "f" << t;
+    for (int b = 0; b < 8; ++b) {
+      // The last round that wrote block b.
+      int last = rounds(t) - 1 - (rounds(t) - 1 - b) % 8;
+      EXPECT_EQ(got[std::size_t(b) * 4096], char('a' + last % 26)) << "f" << t << " block " << b;
+    }
+  }
 }
 
 }  // namespace
