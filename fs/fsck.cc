@@ -99,6 +99,7 @@ class Checker {
     bo.intent_log = h.intent_log_offset;
     auto bc = btt_check(region_, bo, repair_);
     if (!bc) return bc.status();
+    for (auto& p : bc->notes) report_.notes.push_back("btt: " + p);
     for (auto& p : bc->problems) report_.problems.push_back("btt: " + p);
     for (auto& p : bc->repairs) report_.repairs.push_back("btt: " + p);
     for (auto& p : bc->remaining) report_.remaining.push_back("btt: " + p);
@@ -418,6 +419,9 @@ class Checker {
       }
     }
     if (blocks == 0) return;
+    report_.notes.push_back(
+        str("kill log: %zu metadata blocks a daemon killed on this boot left %s", blocks,
+            repair_ ? "applied" : "are replayed by the next mount"));
     if (repair_) {
       // Applied in place. Once that is durable the journal must go, or the next mount would
       // replay its older images over these; then the kill log may forget them.
@@ -426,8 +430,6 @@ class Checker {
       write_block(sb_.journal_start, zero.data());
       (void)btt_->sync_wait();
       clear_kill_log(h);
-      repaired("applied " + std::to_string(blocks) +
-               " metadata blocks a killed daemon left in the kill log");
     }
   }
 
@@ -467,6 +469,7 @@ class Checker {
       return;
     }
     *txn = d.sequence;
+    uint64_t not_home = 0;
     // The last committed transaction: the state to check is the one after replaying it, as a
     // mount would. Replaying is idempotent, so this is not a problem in itself. A home outside
     // the blocks a transaction may change makes the mount refuse the journal: the others are
@@ -482,12 +485,21 @@ class Checker {
         continue;
       }
       const std::byte* img = block(sb_.journal_start + desc_blocks + i);
+      if (std::memcmp(block(lbas[i]), img, bs_) != 0) ++not_home;
       if (repair_) {
         write_block(lbas[i], img);
       } else {
         overlay_[lbas[i]].assign(img, img + bs_);
       }
       if (lbas[i] == 0) replayed_super_ = true;
+    }
+    // After a clean unmount every image is home already: nothing to say.
+    if (not_home != 0) {
+      report_.notes.push_back(
+          str("journal: %llu of the %llu blocks of committed transaction %llu are not home yet; "
+              "%s",
+              (unsigned long long)not_home, (unsigned long long)d.count,
+              (unsigned long long)d.sequence, repair_ ? "written" : "the next mount writes them"));
     }
   }
 
@@ -1626,6 +1638,21 @@ class Checker {
 }  // namespace
 
 Result<FsckReport> fsck(const std::string& image, const FsckOptions& options) {
+  if (options.preen) {
+    // Judge first, changing nothing; then, if all is well, let a mount do what it would.
+    FsckOptions check = options;
+    check.preen = false;
+    check.repair = false;
+    auto report = fsck(image, check);
+    if (!report || !report->problems.empty() || report->notes.empty()) return report;
+    MountOptions mo;
+    mo.lock_wait_ms = options.lock_wait_ms;
+    auto volume = Volume::mount(image, mo);
+    if (!volume) return volume.status();
+    volume->reset();  // a clean unmount: everything replayed is committed
+    report->notes.push_back("preen: mounted and unmounted the volume, which did the above");
+    return report;
+  }
   RegionOptions ro;
   ro.read_only = !options.repair;
   ro.lock_wait_ms = options.lock_wait_ms;

@@ -810,8 +810,9 @@ struct statvfs VolumeImpl::statfs() {
   s.f_blocks = sb_.block_count - sb_.data_start;
   s.f_bfree = free_blocks_;
   // What a file can still grow by: its data blocks need pointer blocks too (one per bs / 8),
-  // and blocks reserved for fallocate or freed in the running transaction are not usable yet.
-  uint64_t unusable = std::min(free_blocks_, reserved_ + quarantine_.size());
+  // and blocks reserved for fallocate are spoken for. Blocks freed in the running transaction
+  // count: a call that needs them commits first (with_space), so `rm` then `df` shows the space.
+  uint64_t unusable = std::min(free_blocks_, reserved_);
   uint64_t usable = free_blocks_ - unusable;
   s.f_bavail = usable - ceil_div(usable, bs_ / 8);
   s.f_files = sb_.inode_count - 2;

@@ -267,9 +267,10 @@ Status Arena::recover(std::vector<std::string>& notes, int arena_index) {
     Lookup now = lookup_media(cur.lba);
     if (now.block == old_block && now.block != new_block) {
       if (region_.read_only()) {
+        rolled_[cur.lba] = new_block | kMapNormal;
         notes.push_back(
-            str("arena %d lane %u: interrupted update of LBA %u needs rolling "
-                "forward (read-only: not done)",
+            str("arena %d lane %u: interrupted update of LBA %u rolled forward in memory "
+                "(read-only; the next writable open stores it)",
                 arena_index, i, cur.lba));
         continue;
       }
@@ -295,6 +296,9 @@ uint32_t Arena::map_raw(uint32_t premap) const {
 
 Arena::Lookup Arena::lookup_media(uint32_t premap) const {
   uint32_t raw = map_raw(premap);
+  if (!rolled_.empty()) [[unlikely]] {
+    if (auto it = rolled_.find(premap); it != rolled_.end()) raw = it->second;
+  }
   uint32_t flags = raw & kMapNormal;
   Lookup l{raw & kMapBlockMask, flags == kMapZero, flags == kMapError};
   if (flags == 0) l.block = premap;  // initial state: identity mapping

@@ -186,6 +186,10 @@ class Arena {
   std::atomic<uint64_t> writes_{0};
   std::atomic<uint64_t> reads_{0};
   std::atomic<uint64_t> in_place_{0};
+  // Read-only opens: the map entries of interrupted updates rolled forward in memory only
+  // (premap -> entry), so reads see what the next writable open will (fsck -n). Set by
+  // recover, read-only after.
+  std::unordered_map<uint32_t, uint32_t> rolled_;
 };
 
 }  // namespace vpmfs::btt

@@ -105,13 +105,13 @@ class ArenaChecker {
       if (old_block == new_block) continue;
       uint32_t eff = effective(lane.cur.lba, map_raw(lane.cur.lba));
       if (eff == old_block) {
-        problem(
-            str("lane %u: interrupted update of LBA %u was not rolled forward", i, lane.cur.lba));
+        // The normal state after a crash between an update's flog entry and its map entry:
+        // the next open finishes it. Judged as that open will see it.
         override_[lane.cur.lba] = new_block | kMapNormal;
-        if (repair_) {
-          map_write(lane.cur.lba, new_block | kMapNormal);
-          repaired(str("lane %u: rolled the update of LBA %u forward", i, lane.cur.lba));
-        }
+        if (repair_) map_write(lane.cur.lba, new_block | kMapNormal);
+        report_.notes.push_back(
+            str("arena %d: lane %u: interrupted update of LBA %u %s", index_, i, lane.cur.lba,
+                repair_ ? "rolled forward" : "is rolled forward by the next open"));
       }
     }
   }

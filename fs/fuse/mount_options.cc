@@ -49,6 +49,14 @@ bool is_generic(std::string_view name) {
   return name.starts_with("x-") || name == "comment";
 }
 
+// The kernel's own FUSE mount parameters, as /proc/mounts shows them. mount(8) hands them back
+// with `mount -o remount,ro DIR` (and an fstab line copied from /proc/mounts has them); vpmfs
+// sets them itself, so they are accepted and ignored.
+bool is_kernel_fuse_parameter(std::string_view name) {
+  return name == "user_id" || name == "group_id" || name == "rootmode" || name == "blksize" ||
+         name == "max_read";
+}
+
 Status bad(std::string_view option, std::string_view why) {
   return Status(EINVAL, "mount option '" + std::string(option) + "': " + std::string(why));
 }
@@ -152,6 +160,8 @@ Status apply_mount_options(std::string_view list, DaemonOptions& o) {
       o.max_write = *n;
     } else if (is_generic(name)) {
       o.passed.emplace_back(item);
+    } else if (is_kernel_fuse_parameter(name)) {
+      if (!has_value) return bad(item, "expects a value, as /proc/mounts shows it");
     } else {
       return bad(item, "unknown option (see vpmfs --help)");
     }

@@ -190,6 +190,9 @@ class Btt {
 };
 
 struct BttCheckReport {
+  // What the next open does as a matter of course (an interrupted update it rolls forward):
+  // the normal state after a crash, not damage.
+  std::vector<std::string> notes;
   std::vector<std::string> problems;   // each names what is wrong and where
   std::vector<std::string> repairs;    // what repair did
   std::vector<std::string> remaining;  // problems a check after the repair still finds

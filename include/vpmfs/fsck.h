@@ -14,7 +14,11 @@
 namespace vpmfs {
 
 struct FsckOptions {
-  bool repair = false;  // -y / -p: fix what can be fixed
+  bool repair = false;  // -y: fix what can be fixed
+  // -p (preen, as fsck(8) runs it at boot): only what the next mount would do anyway (roll
+  // interrupted BTT updates forward, replay the journal and the kill log), and that only when
+  // the check finds nothing wrong; any problem is left for -y (exit code 4).
+  bool preen = false;
   // The boot to check for (default: the kernel's boot_id): checkpoints a daemon killed on this
   // boot left in the kill log are part of the state to check, as the next mount replays them.
   std::optional<std::array<uint8_t, 16>> boot_id;
@@ -24,6 +28,10 @@ struct FsckOptions {
 };
 
 struct FsckReport {
+  // What the next mount does as a matter of course after a crash or a kill (BTT updates it
+  // rolls forward, a journal transaction or kill-log checkpoints it replays): the check judges
+  // the volume as that mount will see it, and these are not problems.
+  std::vector<std::string> notes;
   std::vector<std::string> problems;   // found, each naming what and where
   std::vector<std::string> repairs;    // done
   std::vector<std::string> remaining;  // still wrong after repair

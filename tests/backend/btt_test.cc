@@ -429,6 +429,41 @@ TEST(BttRecovery, RollsAnInterruptedUpdateForward) {
   EXPECT_EQ(at<uint32_t>(*region, a.mapoff + 42 * 4), free_block | btt::kMapNormal);
 }
 
+// The same state seen read-only (fsck -n): the check calls it a note, not damage; a read-only
+// open reads the new data, as the next writable open will, and stores nothing.
+TEST(BttRecovery, AReadOnlyLookRollsForwardInMemoryOnly) {
+  TempPath path("rollfwd-ro.img");
+  BttArenaInfo a;
+  uint32_t free_block = 0;
+  std::vector<char> data(4096, 'r');
+  {
+    auto region = make_region(path, 32 * kMiB, PersistMode::direct);
+    ASSERT_TRUE(Btt::format(*region, {}));
+    a = open_btt(*region)->arenas()[0];
+    free_block = a.external_nlba + 5;
+    region->write(a.dataoff + uint64_t(free_block) * 4096, data.data(), 4096);
+    btt::FlogEntry e{42, 42, free_block, 2};
+    region->write(a.logoff + 5 * 64 + 16, &e, sizeof e);
+  }
+  RegionOptions ro;
+  ro.read_only = true;
+  auto region = Region::open(path, ro);
+  ASSERT_TRUE(region) << region.status().to_string();
+  auto report = btt_check(**region, {}, false);
+  ASSERT_TRUE(report) << report.status().to_string();
+  EXPECT_TRUE(report->clean()) << ::testing::PrintToString(report->problems);
+  ASSERT_EQ(report->notes.size(), 1u);
+  EXPECT_THAT(report->notes[0], HasSubstr("interrupted update of LBA 42"));
+  auto btt = open_btt(**region);
+  ASSERT_TRUE(btt);
+  ASSERT_EQ(btt->open_notes().size(), 1u);
+  EXPECT_THAT(btt->open_notes()[0], HasSubstr("rolled forward in memory"));
+  std::vector<char> back(4096);
+  ASSERT_TRUE(btt->read(42, back.data()));
+  EXPECT_EQ(back, data);
+  EXPECT_EQ(at<uint32_t>(**region, a.mapoff + 42 * 4), 0u) << "a read-only open stored the map";
+}
+
 TEST(BttRecovery, FallsBackToTheBackupInfoBlockAndSaysSo) {
   TempPath path("backup.img");
   auto region = make_region(path, 32 * kMiB, PersistMode::direct);

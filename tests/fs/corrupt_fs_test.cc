@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <fstream>
 #include <functional>
 #include <iostream>
 #include <map>
@@ -445,6 +446,10 @@ class CorruptFs : public ::testing::Test {
   uint64_t ino(const std::string& path) { return model_.at(path).ino; }
 
   std::unique_ptr<RawImage> raw() { return RawImage::open(path_); }
+  std::string image_bytes() {
+    std::ifstream in(path_, std::ios::binary);
+    return std::string(std::istreambuf_iterator<char>(in), {});
+  }
 
   FsckReport run_fsck(bool repair) {
     FsckOptions o;
@@ -469,6 +474,15 @@ class CorruptFs : public ::testing::Test {
     FsckReport found = run_fsck(false);
     EXPECT_EQ(found.exit_code(), 4) << "fsck -n missed the damage";
     EXPECT_THAT(joined(found.problems), HasSubstr(what));
+    // Preen (fsck -p, as at boot) leaves damage to -y: exit 4, and not a byte changed.
+    std::string image = image_bytes();
+    FsckOptions preen;
+    preen.preen = true;
+    auto preened = fsck(path_, preen);
+    ASSERT_TRUE(preened) << preened.status().to_string();
+    EXPECT_EQ(preened->exit_code(), 4);
+    EXPECT_TRUE(preened->repairs.empty());
+    EXPECT_TRUE(image_bytes() == image) << "fsck -p changed a damaged image";
     FsckReport fixed = run_fsck(true);
     EXPECT_EQ(fixed.exit_code(), 1) << "fsck -y:\n"
                                     << joined(fixed.problems) << "not repaired:\n"

@@ -69,6 +69,23 @@ TEST(MountOptions, GenericOptionsFromMountAndFstab) {
   EXPECT_TRUE(o.volume.read_only);
 }
 
+// What mount(8) hands the daemon for `mount -o remount,ro DIR`: the options /proc/mounts shows,
+// the kernel's own FUSE parameters among them. They are accepted and change nothing.
+TEST(MountOptions, TheKernelsFuseParametersFromProcMounts) {
+  DaemonOptions o;
+  ASSERT_TRUE(apply_mount_options(
+      "rw,remount,ro,relatime,user_id=0,group_id=0,default_permissions,allow_other", o));
+  EXPECT_TRUE(o.remount);
+  EXPECT_TRUE(o.volume.read_only);
+  DaemonOptions plain;
+  ASSERT_TRUE(apply_mount_options("rootmode=40000,blksize=4096,max_read=131072", plain));
+  EXPECT_EQ(fuse_mount_options(plain), fuse_mount_options(DaemonOptions{}))
+      << "vpmfs sets the kernel's parameters itself";
+  auto s = apply_mount_options("user_id", plain);
+  ASSERT_FALSE(s);
+  EXPECT_NE(s.message().find("expects a value"), std::string::npos) << s.message();
+}
+
 TEST(MountOptions, ClearErrors) {
   struct Case {
     const char* list;

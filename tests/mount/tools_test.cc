@@ -158,6 +158,24 @@ TEST(Daemon, SecondMountOfTheSameImageIsRefused) {
   EXPECT_EQ(m.unmount(), 0);
 }
 
+// mount(8) runs its helpers with a PATH of its own (util-linux resets it), where an installed
+// vpmfs would be found. For the length of a test, /usr/local/sbin/vpmfs is the built daemon,
+// unless something is there already.
+class DaemonOnMountsPath {
+ public:
+  DaemonOnMountsPath() {
+    ::mkdir("/usr/local/sbin", 0755);
+    made_ = ::symlink((kBin + "/vpmfs").c_str(), kPath) == 0;
+  }
+  ~DaemonOnMountsPath() {
+    if (made_) ::unlink(kPath);
+  }
+
+ private:
+  static constexpr const char* kPath = "/usr/local/sbin/vpmfs";
+  bool made_ = false;
+};
+
 TEST(Daemon, MountThroughMountFuse3AndReadOnly) {
   std::string img = scratch("mount8.img");
   std::string dir = scratch("mount8.dir");
@@ -180,14 +198,27 @@ TEST(Daemon, MountThroughMountFuse3AndReadOnly) {
   EXPECT_NE(mounts().find(img + " " + dir + " fuse.vpmfs rw,nosuid,nodev,noexec"),
             std::string::npos)
       << mounts();
-  // mount -o remount,ro and back: the daemon changes the mount's flags and exits.
+  // mount -o remount,ro and back, with just the mount point, as on any filesystem: mount(8)
+  // finds the source, type and options in /proc/mounts (user_id=0 and the like among them) and
+  // runs mount.fuse3, which runs the daemon; it changes the mount's flags and exits.
+  {
+    DaemonOnMountsPath on_path;
+    auto [rc_ro, err_ro] = capture({"/bin/mount", "-o", "remount,ro", dir});
+    ASSERT_EQ(rc_ro, 0) << err_ro;
+    EXPECT_NE(mounts().find(img + " " + dir + " fuse.vpmfs ro,"), std::string::npos) << mounts();
+    EXPECT_LT(::open((dir + "/nope").c_str(), O_CREAT | O_WRONLY, 0644), 0);
+    EXPECT_EQ(errno, EROFS);
+    auto [rc_rw, err_rw] = capture({"/bin/mount", "-o", "remount,rw", dir});
+    ASSERT_EQ(rc_rw, 0) << err_rw;
+    int fd = ::open((dir + "/again").c_str(), O_CREAT | O_WRONLY, 0644);
+    EXPECT_GE(fd, 0) << std::strerror(errno);
+    if (fd >= 0) ::close(fd);
+  }
+  // The daemon itself does the same when run by hand.
   ASSERT_EQ(capture({kBin + "/vpmfs", img, dir, "-o", "remount,ro"}).first, 0);
   EXPECT_LT(::open((dir + "/nope").c_str(), O_CREAT | O_WRONLY, 0644), 0);
   EXPECT_EQ(errno, EROFS);
   ASSERT_EQ(capture({kBin + "/vpmfs", img, dir, "-o", "remount,rw"}).first, 0);
-  int fd = ::open((dir + "/again").c_str(), O_CREAT | O_WRONLY, 0644);
-  EXPECT_GE(fd, 0) << std::strerror(errno);
-  if (fd >= 0) ::close(fd);
   EXPECT_EQ(capture({"/bin/umount", dir}).first, 0);
   // The daemon ends after the unmount returns; fsck waits for it to let the image go.
   EXPECT_EQ(capture({kBin + "/fsck.vpmfs", "-n", img}).first, 0);
@@ -210,6 +241,37 @@ TEST(Daemon, MountThroughMountFuse3AndReadOnly) {
   }
   ::rmdir(dir.c_str());
   ::unlink(img.c_str());
+}
+
+// After a killed daemon, fsck judges the volume as the next mount will see it: the kill log's
+// checkpoints are notes (what that mount replays), not problems, so -n exits 0. -p lets a mount
+// replay them; then nothing is left to note, and every file is there.
+TEST(Fsck, AKilledDaemonsImageIsNoDamageAndPreenReplaysIt) {
+  test::Mount m("fsck-killed", {"commit=600"});
+  ASSERT_TRUE(m.mounted());
+  for (int i = 0; i < 20; ++i) {
+    ::mkdir(m.path("d" + std::to_string(i)).c_str(), 0755);
+    std::ofstream(m.path("d" + std::to_string(i) + "/f")) << "file " << i;
+  }
+  m.kill_daemon();
+  std::string img = m.image();
+  auto [rc, out] = capture({kBin + "/fsck.vpmfs", "-n", img}, /*want_stdout=*/true);
+  EXPECT_EQ(rc, 0) << out;
+  EXPECT_NE(out.find("note: kill log: "), std::string::npos) << out;
+  EXPECT_EQ(out.find("problem:"), std::string::npos) << out;
+  auto [rc_p, out_p] = capture({kBin + "/fsck.vpmfs", "-p", img}, /*want_stdout=*/true);
+  EXPECT_EQ(rc_p, 0) << out_p;
+  EXPECT_NE(out_p.find("note: preen: mounted and unmounted"), std::string::npos) << out_p;
+  auto [rc_n, out_n] = capture({kBin + "/fsck.vpmfs", "-n", img}, /*want_stdout=*/true);
+  EXPECT_EQ(rc_n, 0) << out_n;
+  EXPECT_EQ(out_n.find("note:"), std::string::npos) << "left after preen:\n" << out_n;
+  m.start();
+  for (int i = 0; i < 20; ++i) {
+    std::ifstream in(m.path("d" + std::to_string(i) + "/f"));
+    std::string text((std::istreambuf_iterator<char>(in)), {});
+    EXPECT_EQ(text, "file " + std::to_string(i));
+  }
+  EXPECT_EQ(m.unmount(), 0);
 }
 
 TEST(Fsck, ExitCodesOnDamage) {
