@@ -134,7 +134,9 @@ fio_json() {  # dir, fio args...
   fio --output-format=json --directory="$d" --ioengine=psync --group_reporting "$@"
 }
 csv=$out/raw.csv
-[[ -s $csv ]] || echo "rep,target,workload,metric,value" >"$csv"
+# A run's best-of is over its own repetitions only: a folder that holds another run is refused.
+[[ ! -s $csv ]] || { echo "peers.sh: $out already holds a run; give another --out" >&2; exit 2; }
+echo "rep,target,workload,metric,value" >"$csv"
 record() { echo "$1,$2,$3,$4,$5" >>"$csv"; }
 
 flushes() {  # target: device flushes so far, from vpmfs-ctl status (empty for peers)

@@ -129,6 +129,10 @@ with open(f"{out}/ratios.dat", "w") as f:
     f.write("workload " + " ".join(f'"{a}/{b}"' for a, b in pairs) + "\n")
     for name, values in chart:
         f.write(f'"{name}" ' + " ".join("NaN" if v is None else f"{v:.4f}" for v in values) + "\n")
+# One colour per pair: gnuplot's default cycle repeats after eight.
+colours = ["#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e", "#e6ab02", "#a6761d",
+           "#666666", "#1f78b4", "#b2df8a", "#fb9a99", "#cab2d6", "#000000", "#ffff99"]
+colour_list = " ".join(colours)
 script = f"""
 set terminal pngcairo noenhanced size 1400,700 font ",10"
 set output "{out}/peers.png"
@@ -143,7 +147,9 @@ set xtics rotate by -35 scale 0
 set key outside right top
 set grid ytics
 set arrow from graph 0, first 1 to graph 1, first 1 nohead lw 2 lc rgb "black"
-plot for [i=2:{len(pairs) + 1}] "{out}/ratios.dat" using i:xtic(1) title columnhead(i)
+colours = "{colour_list}"
+plot for [i=2:{len(pairs) + 1}] "{out}/ratios.dat" using i:xtic(1) title columnhead(i) \
+  lc rgb word(colours, (i - 2) % words(colours) + 1)
 """
 try:
     subprocess.run(["gnuplot"], input=script, text=True, check=True)
