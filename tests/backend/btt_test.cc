@@ -406,18 +406,23 @@ TEST(BttVersions, OpensV11AndThePaddedFlog) {
   }
 }
 
+// By hand, on a fresh BTT: lane 5 wrote `data` into its free block and logged the update of
+// LBA 42, then stopped before the map store. Returns that block.
+uint32_t interrupt_an_update(Region& region, const BttArenaInfo& a, const std::vector<char>& data) {
+  uint32_t free_block = a.external_nlba + 5;
+  region.write(a.dataoff + uint64_t(free_block) * 4096, data.data(), 4096);
+  btt::FlogEntry e{42, 42, free_block, 2};
+  region.write(a.logoff + 5 * 64 + 16, &e, sizeof e);
+  return free_block;
+}
+
 TEST(BttRecovery, RollsAnInterruptedUpdateForward) {
   TempPath path("rollfwd.img");
   auto region = make_region(path, 32 * kMiB, PersistMode::direct);
   ASSERT_TRUE(Btt::format(*region, {}));
   auto a = open_btt(*region)->arenas()[0];
-  // By hand: lane 5 wrote its data into its free block and logged the update of LBA 42, then
-  // stopped before the map store.
-  uint32_t free_block = a.external_nlba + 5;
   std::vector<char> data(4096, 'r');
-  region->write(a.dataoff + uint64_t(free_block) * 4096, data.data(), 4096);
-  btt::FlogEntry e{42, 42, free_block, 2};
-  region->write(a.logoff + 5 * 64 + 16, &e, sizeof e);
+  uint32_t free_block = interrupt_an_update(*region, a, data);
   auto btt = open_btt(*region);
   ASSERT_TRUE(btt);
   ASSERT_EQ(btt->open_notes().size(), 1u);
@@ -434,16 +439,12 @@ TEST(BttRecovery, RollsAnInterruptedUpdateForward) {
 TEST(BttRecovery, AReadOnlyLookRollsForwardInMemoryOnly) {
   TempPath path("rollfwd-ro.img");
   BttArenaInfo a;
-  uint32_t free_block = 0;
   std::vector<char> data(4096, 'r');
   {
     auto region = make_region(path, 32 * kMiB, PersistMode::direct);
     ASSERT_TRUE(Btt::format(*region, {}));
     a = open_btt(*region)->arenas()[0];
-    free_block = a.external_nlba + 5;
-    region->write(a.dataoff + uint64_t(free_block) * 4096, data.data(), 4096);
-    btt::FlogEntry e{42, 42, free_block, 2};
-    region->write(a.logoff + 5 * 64 + 16, &e, sizeof e);
+    interrupt_an_update(*region, a, data);
   }
   RegionOptions ro;
   ro.read_only = true;
