@@ -44,6 +44,12 @@ struct stat Attr::to_stat(uint32_t block_size) const {
 
 // --- mkfs ------------------------------------------------------------------------------------
 
+uint32_t default_lanes(uint64_t image_size) {
+  uint32_t lanes = 256;
+  while (lanes < 4096 && uint64_t(lanes) * 2 * (512 << 10) <= image_size) lanes *= 2;
+  return lanes;
+}
+
 Status Volume::mkfs(const std::string& image, const MkfsOptions& o) {
   if (o.sector_size != 512 && o.sector_size != 4096) {
     return Status(EINVAL, "sector size must be 512 or 4096");
@@ -64,7 +70,8 @@ Status Volume::mkfs(const std::string& image, const MkfsOptions& o) {
   if (!region) return region.status();
   Region& r = **region;
   uint64_t image_size = r.size();
-  uint64_t intent = Btt::intent_log_size(image_size, o.lanes);
+  const uint32_t lanes = o.lanes != 0 ? o.lanes : default_lanes(image_size);
+  uint64_t intent = Btt::intent_log_size(image_size, lanes);
   uint64_t kill_offset = ceil_div(kIntentLogOffset + intent, 4096) * 4096;
   uint64_t kill_size = kill_log_size_for(image_size);
   uint64_t btt_offset = ceil_div(kill_offset + kill_size, kBttAlign) * kBttAlign;
@@ -89,7 +96,7 @@ Status Volume::mkfs(const std::string& image, const MkfsOptions& o) {
   if (o.progress) o.progress("btt", 0, 1);
   BttFormatOptions bo;
   bo.sector_size = o.sector_size;
-  bo.nfree = o.lanes;
+  bo.nfree = lanes;
   bo.uuid = uuid;
   bo.offset = btt_offset;
   bo.intent_log = kIntentLogOffset;
@@ -184,7 +191,7 @@ Status Volume::mkfs(const std::string& image, const MkfsOptions& o) {
   std::memcpy(h.label, o.label.data(), o.label.size());
   h.created_sec = sb.created_sec;
   h.sector_size = bs;
-  h.lanes = o.lanes;
+  h.lanes = lanes;
   h.kill_log_offset = kill_offset;
   h.kill_log_size = kill_size;
   h.checksum = header_checksum(h);

@@ -115,8 +115,10 @@ int main(int argc, char** argv) {
                  "image size, e.g. 4G (K, M, G, T: binary multiples); creates or resizes the file");
   app.add_option("-b,--sector-size", o.sector_size, "BTT sector and filesystem block size")
       ->check(CLI::IsMember({512, 4096}));
-  app.add_option("--lanes", o.lanes, "BTT lanes (free blocks per arena, nfree)")
-      ->check(CLI::Range(1, 4096));
+  app.add_option("--lanes", o.lanes,
+                 "BTT lanes (free blocks per arena, nfree; default: one per 512 KiB of image, "
+                 "256 to 4096)")
+      ->check(CLI::Range(1, 65536));
   app.add_option("-L,--label", o.label, "volume label (up to 63 bytes)");
   app.add_option("-U,--uuid", uuid_text, "volume uuid (default: random)");
   app.add_option("-i,--inode-ratio", o.inode_ratio, "bytes per inode")

@@ -209,8 +209,8 @@ Arena::Arena(Btt& btt, Region& region, const ArenaGeometry& g, const int log_ind
       info_(info),
       writeback_(region.mode() == PersistMode::writeback),
       lanes_(g.nfree),
-      stripes_(g.nfree),
-      rtt_(std::max<uint32_t>(g.nfree, 64)),
+      stripes_(std::min<uint32_t>(g.nfree, 1024)),  // lock striping, not one per lane
+      rtt_(kRttSlots),
       intent_off_(intent_off) {}
 
 BttArenaInfo Arena::info() const {
@@ -547,6 +547,7 @@ Status Arena::write_epoch(uint32_t premap, const iovec* iov, int iovcnt) {
   if (auto it = s.overlay.find(premap); it != s.overlay.end()) overtaken = it->second;
   s.overlay[premap] = li;
   lane.lba = premap;
+  published_.push_back(li);
   // In the mapping before the write is acknowledged: a killed process leaves it in the page
   // cache, and recovery finishes the write from it.
   if (intent_off_) {
@@ -655,15 +656,18 @@ Result<uint64_t> Arena::pinned_offset(uint32_t premap) {
 bool Arena::begin_commit() {
   std::lock_guard lock(avail_mu_);
   committing_epoch_ = epoch_++;
-  for (uint32_t i = 0; i < lanes_.size(); ++i) {
-    // A lane whose writer has not yet published its update (lba unset) belongs to the next
-    // epoch: its write has not returned, so this commit owes it nothing.
+  // Only the lanes published since the last commit, not all nfree of them: a commit per fsync
+  // costs what the epoch wrote. A lane whose writer has not yet published its update belongs to
+  // the next epoch (its write has not returned, so this commit owes it nothing), even when the
+  // lane is listed from an update that was overtaken since; one listed twice is taken once.
+  for (uint32_t i : published_) {
     if (lanes_[i].state == LaneState::pending && lanes_[i].lba != kNoLane) {
       lanes_[i].state = LaneState::committing;
       lanes_[i].marked = false;
       commit_lanes_.push_back(i);
     }
   }
+  published_.clear();
   return !commit_lanes_.empty();
 }
 
@@ -783,6 +787,7 @@ Result<uint32_t> Arena::recover_intents(std::vector<std::string>& notes, int are
     for (const auto& [premap, c] : newest) {
       lanes_[c.lane].state = LaneState::pending;
       lanes_[c.lane].lba = premap;
+      published_.push_back(c.lane);
       stripe(premap).overlay[premap] = c.lane;
       avail_.erase(std::find(avail_.begin(), avail_.end(), c.lane));
     }

@@ -96,6 +96,9 @@ class Arena {
  private:
   static constexpr uint32_t kNoLane = UINT32_MAX;
   static constexpr uint32_t kRttValid = 1u << 31;
+  // Read tracking slots: one per reader copying a sector at the same moment (a FUSE worker, a
+  // fsck pass), not one per lane; every write scans them all before it reuses a block.
+  static constexpr uint32_t kRttSlots = 128;
 
   enum class LaneState : uint8_t { available, pending, committing, committed };
 
@@ -177,6 +180,7 @@ class Arena {
   std::mutex avail_mu_;
   std::condition_variable avail_cv_;
   std::vector<uint32_t> avail_;
+  std::vector<uint32_t> published_;     // lanes whose update joined the open epoch
   std::vector<uint32_t> commit_lanes_;  // lanes in the commit in flight
   std::optional<uint64_t> intent_off_;
   uint64_t epoch_ = 1;             // epoch new writes join (avail_mu_)

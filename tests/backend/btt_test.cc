@@ -356,6 +356,44 @@ TEST(BttWriteback, ReadsSeeUncommittedWritesAndDestructorCommits) {
   }
 }
 
+// A commit is due only when every lane holds a write; then it carries exactly the writes of the
+// epoch, however many lanes sit idle, and a sector rewritten within the epoch is carried once.
+TEST(BttWriteback, ACommitIsDueWhenTheLanesRunOutAndCarriesItsEpoch) {
+  TempPath path("wblanes.img");
+  auto region = make_region(path, 64 * kMiB, PersistMode::writeback);
+  BttFormatOptions o;
+  o.nfree = 4096;
+  ASSERT_TRUE(Btt::format(*region, o));
+  auto btt = open_btt(*region);
+  for (uint64_t lba = 0; lba < 4000; ++lba) {
+    ASSERT_TRUE(btt->write(lba, sector(4096, char(lba)).data()));
+  }
+  for (uint64_t lba = 0; lba < 4000; lba += 2) {
+    ASSERT_TRUE(btt->write(lba, sector(4096, char(lba + 1)).data()));  // overtakes the first
+  }
+  EXPECT_EQ(btt->stats().epochs, 0u) << "4,000 sectors fit in 4,096 lanes";
+  ASSERT_TRUE(btt->write(5000, sector(4096, 'x').data()));
+  ASSERT_TRUE(btt->sync_wait());
+  EXPECT_EQ(btt->stats().epochs, 1u);
+  EXPECT_EQ(btt->stats().epoch_sectors, 4001u);
+  ASSERT_TRUE(btt->write(7, sector(4096, 'y').data()));
+  ASSERT_TRUE(btt->sync_wait());
+  EXPECT_EQ(btt->stats().epochs, 2u);
+  EXPECT_EQ(btt->stats().epoch_sectors, 4002u) << "the second commit carries one sector";
+  btt.reset();
+  btt = open_btt(*region);
+  std::vector<char> back(4096);
+  for (uint64_t lba = 0; lba < 4000; ++lba) {
+    ASSERT_TRUE(btt->read(lba, back.data()));
+    char want = lba == 7 ? 'y' : char(lba % 2 == 0 ? lba + 1 : lba);
+    ASSERT_EQ(back, sector(4096, want)) << lba;
+  }
+  btt.reset();
+  auto report = btt_check(*region, {}, false);
+  ASSERT_TRUE(report) << report.status().to_string();
+  EXPECT_TRUE(report->clean()) << ::testing::PrintToString(report->problems);
+}
+
 TEST(BttWriteback, FailedFlushMakesTheBttReadOnly) {
   TempPath path("wbfail.img");
   auto region = make_region(path, 32 * kMiB, PersistMode::writeback);

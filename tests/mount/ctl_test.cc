@@ -194,6 +194,37 @@ TEST(Ctl, InfoOnAFreshImageAgreesWithTheLibrary) {
   EXPECT_TRUE(has(r.out, "free blocks:         " + std::to_string(sv.f_bfree))) << r.out;
 }
 
+// More lanes for larger images (fewer flushes for writes without fsync), what --lanes asks for
+// otherwise, and a clear refusal beyond what the format holds.
+TEST(Ctl, LanesGrowWithTheImageUnlessAskedFor) {
+  std::string path = "/dev/shm/vpmfs-ctl-" + std::to_string(getpid()) + "-lanes.img";
+  struct Case {
+    const char* size;
+    const char* lanes;  // nullptr: the default
+    uint32_t want;
+  };
+  for (const Case& c :
+       {Case{"64M", nullptr, 256}, Case{"1G", nullptr, 2048}, Case{"2G", nullptr, 4096},
+        Case{"8G", nullptr, 4096}, Case{"64M", "1000", 1000}}) {
+    ::unlink(path.c_str());
+    std::vector<std::string> argv = {kBin + "/mkfs.vpmfs", "-q", "--size", c.size,
+                                     "--force-persistent"};
+    if (c.lanes) argv.insert(argv.end(), {"--lanes", c.lanes});
+    argv.push_back(path);
+    ASSERT_EQ(test::run(argv), 0) << c.size;
+    CtlRun r = ctl({"info", path, "--json"});
+    ASSERT_EQ(r.rc, 0) << r.err;
+    Json j = parse(r);
+    EXPECT_EQ(j["header"]["lanes"], c.want) << c.size;
+    for (const Json& a : j["btt"]["arenas"]) EXPECT_EQ(a["nfree"], c.want) << c.size;
+  }
+  auto [rc, err] = test::capture({kBin + "/mkfs.vpmfs", "-q", "--size", "64M", "--lanes", "65537",
+                                  "--force-persistent", path});
+  EXPECT_EQ(rc, 1);
+  EXPECT_TRUE(has(err, "--lanes")) << err;
+  ::unlink(path.c_str());
+}
+
 TEST(Ctl, InfoCountsWhatTheLibraryWrote) {
   Image img("written", {"--sector-size", "512"});
   Json before = img.info();
