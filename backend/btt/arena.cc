@@ -507,7 +507,7 @@ uint32_t Arena::take_lane() {
     if (btt_.failed()) return kNoLane;
     // Every lane holds an uncommitted update: commit them to get their old blocks back.
     lock.unlock();
-    btt_.sync({});
+    btt_.commit({});
     lock.lock();
     avail_cv_.wait(lock, [this] { return !avail_.empty() || btt_.failed(); });
   }
@@ -572,6 +572,13 @@ Status Arena::write_epoch(uint32_t premap, const iovec* iov, int iovcnt) {
 }
 
 void Arena::release_pending(uint32_t li) {
+  if (lanes_[li].held) {
+    // Promised by a sync: its record must keep bringing the update back until the epoch's
+    // commit has logged the newer one, so the lane keeps its block and its record till then.
+    lanes_[li].state = LaneState::superseded;
+    superseded_.push_back(li);
+    return;
+  }
   lanes_[li].state = LaneState::available;
   if (intent_off_) {
     // Its record must not bring the overtaken data back after a kill.
@@ -590,24 +597,32 @@ Status Arena::mark(uint32_t premap, uint32_t flag) {
     iovec zero{const_cast<std::byte*>(kZeros), g_.external_lbasize};
     return write_in_place(premap, &zero, 1);
   }
+  std::unique_lock avail_lock(avail_mu_, std::defer_lock);
+  auto pending = s.overlay.end();
+  if (writeback_) {
+    // The flag is one store to the map: an update that a sync promised through its intent record,
+    // or one the commit in flight is logging, could still come back over it after a crash.
+    avail_lock.lock();
+    pending = s.overlay.find(premap);
+    auto of_this_sector = [&](const std::vector<uint32_t>& lanes) {
+      return std::any_of(lanes.begin(), lanes.end(),
+                         [&](uint32_t li) { return lanes_[li].lba == premap; });
+    };
+    bool promised = (pending != s.overlay.end() && lanes_[pending->second].held) ||
+                    of_this_sector(superseded_) || of_this_sector(retiring_);
+    if (promised || of_this_sector(commit_lanes_)) {
+      return Status(EAGAIN, str("LBA %u has an update to commit first", premap));
+    }
+  }
   // A flag keeps the entry's block, so this single store is safe in either crash model, in any
-  // order with the others; a commit in flight carries it over (write_map).
+  // order with the others.
   Lookup l = lookup_media(premap);
   map_write(premap, l.block | flag);
-  if (writeback_) {
-    // Newer than any uncommitted write of this sector: drop that write. Its intent record goes
+  if (pending != s.overlay.end()) {
+    // Newer than the uncommitted write of this sector: drop that write. Its intent record goes
     // only now, so that a kill before the flag is stored still finds the write.
-    std::lock_guard avail_lock(avail_mu_);
-    if (auto it = s.overlay.find(premap); it != s.overlay.end()) {
-      if (lanes_[it->second].state == LaneState::pending) release_pending(it->second);
-      s.overlay.erase(it);
-    }
-    // Updates of this sector already in a commit (overtaken ones too) are told, so that the
-    // commit neither logs them (before their flog entry) nor drops the flag when it stores the
-    // map entry (after).
-    for (uint32_t li : commit_lanes_) {
-      if (lanes_[li].lba == premap) lanes_[li].marked = true;
-    }
+    if (lanes_[pending->second].state == LaneState::pending) release_pending(pending->second);
+    s.overlay.erase(pending);
   }
   return Status::ok();
 }
@@ -663,12 +678,43 @@ bool Arena::begin_commit() {
   for (uint32_t i : published_) {
     if (lanes_[i].state == LaneState::pending && lanes_[i].lba != kNoLane) {
       lanes_[i].state = LaneState::committing;
-      lanes_[i].marked = false;
       commit_lanes_.push_back(i);
     }
   }
   published_.clear();
-  return !commit_lanes_.empty();
+  retiring_.swap(superseded_);
+  return !commit_lanes_.empty() || !retiring_.empty();
+}
+
+void Arena::hold_published() {
+  std::lock_guard lock(avail_mu_);
+  for (uint32_t i : published_) {
+    if (lanes_[i].state == LaneState::pending && lanes_[i].lba != kNoLane) lanes_[i].held = true;
+  }
+}
+
+bool Arena::retire_superseded() {
+  // Each superseded update has a newer one of its sector in this commit, or stored since (a
+  // trim waits for the commit, so not that), and the flush before this made that one durable:
+  // its record can go. Not later than the flog: recovery would take the record, which no
+  // longer matches the lane's block, for the newest update.
+  if (retiring_.empty() || !intent_off_) return false;
+  for (uint32_t li : retiring_) {
+    region_.zero(intent_record_off(li), sizeof(IntentRecord));
+    region_.persist(intent_record_off(li), sizeof(IntentRecord));
+  }
+  return true;
+}
+
+void Arena::free_superseded() {
+  std::lock_guard lock(avail_mu_);
+  for (uint32_t li : retiring_) {
+    lanes_[li].state = LaneState::available;
+    lanes_[li].held = false;
+    avail_.push_back(li);
+  }
+  retiring_.clear();
+  avail_cv_.notify_all();
 }
 
 void Arena::write_flog() {
@@ -676,18 +722,14 @@ void Arena::write_flog() {
     Lane& lane = lanes_[li];
     Stripe& s = stripe(lane.lba);
     std::lock_guard lock(s.mu);
-    // Trimmed or marked bad since: the flag is newer and already on media; nothing to log.
     // Overtaken by a newer write (of the next epoch) it is still logged: this commit owes the
-    // callers of sync the sector as it was when the commit began.
-    if (lane.marked) continue;
+    // callers of sync the sector as it was when the commit began. (A trim waits for the commit.)
     Lookup old = lookup_media(lane.lba);
     lane.old_map = old.block | (old.error ? kMapError : 0);
     flog_write(lane, li, FlogEntry{lane.lba, lane.old_map, lane.free, lane.seq});
     std::lock_guard avail_lock(avail_mu_);
     lane.state = LaneState::committed;
   }
-  // With the flog entries durable, this epoch's intent records are history.
-  if (intent_off_) write_intent_header(committing_epoch_);
 }
 
 uint64_t Arena::write_map() {
@@ -699,10 +741,8 @@ uint64_t Arena::write_map() {
     std::lock_guard avail_lock(avail_mu_);
     if (lane.state == LaneState::committed) {
       // The flog entry is durable, so recovery would make this store anyway; it reaches media
-      // with the next flush, before this lane's next flog entry can. A Z or E flag set since the
-      // flog entry was written (mark) stays on the sector.
-      uint32_t flags = lane.marked ? map_raw(lane.lba) & kMapNormal : kMapNormal;
-      map_write(lane.lba, lane.free | flags);
+      // with the next flush, before this lane's next flog entry can.
+      map_write(lane.lba, lane.free | kMapNormal);
       auto it = s.overlay.find(lane.lba);
       if (it != s.overlay.end() && it->second == li) s.overlay.erase(it);
       lane.free = lane.old_map & kMapBlockMask;
@@ -711,12 +751,16 @@ uint64_t Arena::write_map() {
       ++done;
     }
     lane.state = LaneState::available;
+    lane.held = false;
     avail_.push_back(li);
   }
   {
     std::lock_guard avail_lock(avail_mu_);  // mark() reads it
     commit_lanes_.clear();
   }
+  // With the flog entries durable, this epoch's intent records are history. Not before: until
+  // the flog is durable they are what recovery has of the epoch's promised updates.
+  if (intent_off_) write_intent_header(committing_epoch_);
   lanes_returned();
   return done;
 }
@@ -740,17 +784,18 @@ void Arena::write_intent_header(uint64_t committed_epoch) {
 }
 
 Result<uint32_t> Arena::recover_intents(std::vector<std::string>& notes, int arena_index) {
-  if (!intent_off_ || region_.read_only()) return 0u;
+  if (!intent_off_) return 0u;
   auto h = load<IntentHeader>(region_, *intent_off_);
   bool header_ok = h.magic == kIntentMagic && h.arena_offset == g_.infooff &&
                    h.checksum == xxhash64(&h, offsetof(IntentHeader, checksum));
   if (!header_ok) {
-    notes.push_back(
-        str("arena %d: intent log header is invalid; started it afresh (writes that "
-            "were never synced may be lost)",
-            arena_index));
-    init_intent_log(region_, *intent_off_, g_);
-    return 0u;
+    // The records may hold synced writes: keep them. Without the header's epoch, a record is
+    // still live only while its block is its lane's free block and its data hash holds, and
+    // records of committed updates fail that test (superseded ones are zeroed before the flog).
+    h.committed_epoch = 0;
+    notes.push_back(str("arena %d: intent log header is invalid; %s", arena_index,
+                        region_.read_only() ? "its records are judged without it" : "rewrote it"));
+    if (!region_.read_only()) write_intent_header(0);
   }
   struct Candidate {
     uint32_t lane;
@@ -779,6 +824,15 @@ Result<uint32_t> Arena::recover_intents(std::vector<std::string>& notes, int are
   epoch_ = max_epoch + 1;
   intent_seq_.store(max_seq + 1, std::memory_order_relaxed);
   if (newest.empty()) return 0u;
+  if (region_.read_only()) {
+    // Read as the next writable open will see them (fsck -n), without changing anything.
+    for (const auto& [premap, c] : newest) rolled_[premap] = c.rec.block | kMapNormal;
+    notes.push_back(
+        str("arena %d: %zu acknowledged writes in the intent log taken back in "
+            "memory (read-only; the next writable open commits them)",
+            arena_index, newest.size()));
+    return uint32_t(newest.size());
+  }
   if (writeback_) {
     // Each write is taken back where it is: its lane becomes pending again with its data in
     // its free block, and its record stays valid until the commit that the caller runs next
@@ -787,6 +841,7 @@ Result<uint32_t> Arena::recover_intents(std::vector<std::string>& notes, int are
     for (const auto& [premap, c] : newest) {
       lanes_[c.lane].state = LaneState::pending;
       lanes_[c.lane].lba = premap;
+      lanes_[c.lane].held = true;  // acknowledged: nothing may drop it before it commits
       published_.push_back(c.lane);
       stripe(premap).overlay[premap] = c.lane;
       avail_.erase(std::find(avail_.begin(), avail_.end(), c.lane));

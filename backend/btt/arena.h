@@ -65,7 +65,8 @@ class Arena {
   // Rebuilds the free lists from the flog and rolls interrupted updates forward.
   Status recover(std::vector<std::string>& notes, int arena_index);
   // Puts acknowledged writes of epochs that never committed back into the overlay, to be
-  // committed by the next sync. Returns how many.
+  // committed by the next commit (read-only opens: into the in-memory roll-forward, so that
+  // reads see them). Returns how many.
   Result<uint32_t> recover_intents(std::vector<std::string>& notes, int arena_index);
 
   uint64_t first_lba() const { return first_lba_; }
@@ -76,14 +77,25 @@ class Arena {
   Status write(uint32_t premap, const iovec* iov, int iovcnt);
   Status read(uint32_t premap, void* data);
   Result<Btt::ReadRef> read_ref(uint32_t premap);
-  Status mark(uint32_t premap, uint32_t flag);  // kMapZero or kMapError
+  // kMapZero or kMapError. EAGAIN: an update of the sector that a sync promised, or one in the
+  // commit in flight, must be committed first (Btt commits and asks again).
+  Status mark(uint32_t premap, uint32_t flag);
   Status pin(uint32_t premap);
   void unpin(uint32_t premap);
   Result<uint64_t> pinned_offset(uint32_t premap);
 
+  // A sync without a commit (Btt::sync with an intent log): every update published so far is
+  // promised from the flush that follows on, through its intent record. A promised update is
+  // never dropped before its epoch commits: a newer write of its sector supersedes it (its
+  // lane and record stay) instead of releasing it, and a trim waits for the commit.
+  void hold_published();
   // Writeback epochs, driven by Btt. begin_commit() moves every pending lane into the commit;
-  // write_flog() runs once their data is durable; write_map() once the flog is.
+  // once their data is durable, retire_superseded() zeroes the records of superseded lanes
+  // (true if there were any: a flush must follow before free_superseded() lets the lanes go)
+  // and write_flog() logs the commit; write_map() runs once the flog is durable.
   bool begin_commit();
+  bool retire_superseded();
+  void free_superseded();
   void write_flog();
   uint64_t write_map();
   // Wakes writers waiting for a free lane.
@@ -100,7 +112,8 @@ class Arena {
   // fsck pass), not one per lane; every write scans them all before it reuses a block.
   static constexpr uint32_t kRttSlots = 128;
 
-  enum class LaneState : uint8_t { available, pending, committing, committed };
+  // superseded: a promised update overtaken in its epoch; its lane waits for the commit.
+  enum class LaneState : uint8_t { available, pending, superseded, committing, committed };
 
   struct alignas(64) Lane {
     std::mutex mu;      // direct mode: held for a whole sector write
@@ -112,7 +125,7 @@ class Arena {
     LaneState state = LaneState::available;
     uint32_t lba = 0;      // premap of the pending update
     uint32_t old_map = 0;  // committed: the flog's old_map (the block the update frees)
-    bool marked = false;   // in a commit: trimmed or marked bad since; the flag must stay
+    bool held = false;     // pending: a sync promised the update (hold_published)
   };
 
   struct alignas(64) Stripe {
@@ -149,7 +162,8 @@ class Arena {
   void write_intent(uint32_t lane, uint32_t premap, uint32_t block, uint64_t epoch);
   void clear_intent(uint32_t lane);
   void write_intent_header(uint64_t committed_epoch);
-  // Releases an uncommitted lane whose update was overtaken (avail_mu_ held).
+  // Releases an uncommitted lane whose update was overtaken, or supersedes it if a sync
+  // promised it (avail_mu_ held).
   void release_pending(uint32_t lane);
   void flog_write(Lane& lane, uint32_t lane_index, const FlogEntry& e);
   void map_write(uint32_t premap, uint32_t entry);
@@ -182,6 +196,8 @@ class Arena {
   std::vector<uint32_t> avail_;
   std::vector<uint32_t> published_;     // lanes whose update joined the open epoch
   std::vector<uint32_t> commit_lanes_;  // lanes in the commit in flight
+  std::vector<uint32_t> superseded_;    // superseded lanes of the open epoch
+  std::vector<uint32_t> retiring_;      // and of the commit in flight
   std::optional<uint64_t> intent_off_;
   uint64_t epoch_ = 1;             // epoch new writes join (avail_mu_)
   uint64_t committing_epoch_ = 0;  // epoch of the commit in flight

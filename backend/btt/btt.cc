@@ -102,6 +102,7 @@ Result<std::unique_ptr<Btt>> Btt::open(Region& region, const BttOpenOptions& o) 
   if (!ns) return ns.status();
   auto btt = std::unique_ptr<Btt>(new Btt());
   btt->region_ = &region;
+  btt->intents_ = o.intent_log.has_value();
 
   std::vector<std::string> notes;
   uint64_t lba = 0;
@@ -145,8 +146,8 @@ Result<std::unique_ptr<Btt>> Btt::open(Region& region, const BttOpenOptions& o) 
     if (!n) return n.status();
     replayed += *n;
   }
-  if (replayed > 0 && region.mode() == PersistMode::writeback) {
-    Status s = btt->sync_wait();
+  if (replayed > 0 && region.mode() == PersistMode::writeback && !region.read_only()) {
+    Status s = btt->commit_wait();
     if (!s) return s;
   }
   btt->notes_ = std::move(notes);
@@ -160,7 +161,7 @@ Result<std::unique_ptr<Btt>> Btt::open(Region& region, const BttOpenOptions& o) 
 
 Btt::~Btt() {
   if (region_ == nullptr) return;
-  if (region_->mode() == PersistMode::writeback && !failed()) (void)sync_wait();
+  if (region_->mode() == PersistMode::writeback && !failed()) (void)commit_wait();
   std::unique_lock lock(commit_mu_);
   commit_cv_.wait(lock, [this] { return !committing_; });
 }
@@ -209,17 +210,23 @@ Result<Btt::ReadRef> Btt::read_ref(uint64_t lba) {
 }
 
 Status Btt::trim(uint64_t lba) {
-  if (region_->read_only()) return Status(EROFS, "image is read-only");
-  auto at = locate(lba);
-  if (!at) return at.status();
-  return at->arena->mark(at->premap, kMapZero);
+  return mark(lba, kMapZero);
 }
 
 Status Btt::set_error(uint64_t lba) {
+  return mark(lba, kMapError);
+}
+
+Status Btt::mark(uint64_t lba, uint32_t flag) {
   if (region_->read_only()) return Status(EROFS, "image is read-only");
   auto at = locate(lba);
   if (!at) return at.status();
-  return at->arena->mark(at->premap, kMapError);
+  for (;;) {
+    Status s = at->arena->mark(at->premap, flag);
+    if (s.error() != EAGAIN) return s;
+    // An update of the sector that must not come back over the flag: commit it first.
+    if (Status c = commit_wait(); !c) return c;
+  }
 }
 
 Btt::ReadRef::ReadRef(ReadRef&& other) noexcept
@@ -283,6 +290,47 @@ Btt::Stats Btt::stats() const {
 // --- durability ------------------------------------------------------------------------------
 
 void Btt::sync(Callback done) {
+  if (promise_by_intents()) return flush_intents(std::move(done), /*in_this_thread=*/false);
+  commit(std::move(done));
+}
+
+void Btt::sync_or_join(Callback done) {
+  if (promise_by_intents()) return flush_intents(std::move(done), /*in_this_thread=*/true);
+  commit_or_join(std::move(done));
+}
+
+Status Btt::sync_wait() {
+  std::promise<Status> done;
+  auto result = done.get_future();
+  sync_or_join([&done](const Status& s) { done.set_value(s); });
+  return result.get();
+}
+
+bool Btt::promise_by_intents() const {
+  return intents_ && region_->mode() == PersistMode::writeback && !region_->read_only();
+}
+
+void Btt::flush_intents(Callback done, bool in_this_thread) {
+  if (failed()) return done(Status(EIO, "BTT is read-only after a failed flush"));
+  // Every write that returned has its data in its lane's free block and its intent record
+  // beside it, both stored; one flush makes both durable, and recovery takes the write back
+  // from them. The lanes stay out of reuse until their epoch commits (hold_published).
+  for (auto& a : arenas_) a->hold_published();
+  auto answer = [this, done = std::move(done)](const Status& s) {
+    if (!s) {
+      // Nobody knows what reached the device: as after a failed commit.
+      std::lock_guard lock(commit_mu_);
+      failed_.store(true, std::memory_order_release);
+      for (auto& a : arenas_) a->lanes_returned();
+    }
+    done(s);
+  };
+  FlushChannel& channel = region_->flush_channel();
+  if (in_this_thread) return answer(channel.wait());
+  channel.submit(std::move(answer));
+}
+
+void Btt::commit(Callback done) {
   if (region_->mode() != PersistMode::writeback || region_->read_only()) {
     // Every write is durable when it returns (or never will be): the channel answers at once.
     region_->flush_channel().submit([done = std::move(done)](const Status& s) {
@@ -302,7 +350,7 @@ void Btt::sync(Callback done) {
   if (!committing_) start_commit(lock);
 }
 
-void Btt::sync_or_join(Callback done) {
+void Btt::commit_or_join(Callback done) {
   if (region_->mode() != PersistMode::writeback || region_->read_only()) {
     done(region_->flush_channel().wait());
     return;
@@ -318,9 +366,9 @@ void Btt::sync_or_join(Callback done) {
     waiting_.push_back(std::move(done));
     return;
   }
-  // No commit in flight: run the epoch's three steps in this thread (the flush channel's wait()
-  // sends each flush from here too), so a commit costs no hand-off between threads. Callbacks
-  // queued meanwhile by sync() ride along and run here.
+  // No commit in flight: run the epoch's steps in this thread (the flush channel's wait() sends
+  // each flush from here too), so a commit costs no hand-off between threads. Callbacks queued
+  // meanwhile by commit() ride along and run here.
   committing_ = true;
   committed_.swap(waiting_);
   committed_.push_back(std::move(done));
@@ -328,7 +376,9 @@ void Btt::sync_or_join(Callback done) {
   for (auto& a : arenas_) a->begin_commit();
   FlushChannel& channel = region_->flush_channel();
   Status s = channel.wait();
+  if (s && retire_superseded()) s = channel.wait();
   if (s) {
+    for (auto& a : arenas_) a->free_superseded();
     for (auto& a : arenas_) a->write_flog();
     s = channel.wait();
   }
@@ -338,11 +388,17 @@ void Btt::sync_or_join(Callback done) {
   finish_commit(s);
 }
 
-Status Btt::sync_wait() {
+Status Btt::commit_wait() {
   std::promise<Status> done;
   auto result = done.get_future();
-  sync_or_join([&done](const Status& s) { done.set_value(s); });
+  commit_or_join([&done](const Status& s) { done.set_value(s); });
   return result.get();
+}
+
+bool Btt::retire_superseded() {
+  bool any = false;
+  for (auto& a : arenas_) any |= a->retire_superseded();
+  return any;
 }
 
 void Btt::start_commit(std::unique_lock<std::mutex>& lock) {
@@ -357,8 +413,22 @@ void Btt::start_commit(std::unique_lock<std::mutex>& lock) {
 
 void Btt::commit_flog(const Status& flushed) {
   if (!flushed) return finish_commit(flushed);
-  // Step 2: flog entries (and Z/E flags) after the data is durable; the flush after them makes
-  // each update one that recovery completes.
+  // Superseded updates' records go before the flog (Arena::retire_superseded), with a flush
+  // between: then their lanes are free again.
+  if (retire_superseded()) {
+    region_->flush_channel().submit([this](const Status& s) {
+      if (!s) return finish_commit(s);
+      commit_flog_now();
+    });
+    return;
+  }
+  commit_flog_now();
+}
+
+void Btt::commit_flog_now() {
+  for (auto& a : arenas_) a->free_superseded();
+  // Step 2: flog entries after the data is durable; the flush after them makes each update
+  // one that recovery completes.
   for (auto& a : arenas_) a->write_flog();
   region_->flush_channel().submit([this](const Status& s) { commit_map(s); });
 }

@@ -4,8 +4,10 @@
 //  - direct regions use the classic protocol: data into the lane's free block, made durable;
 //    flog entry ({new_map, seq} as the final 8-byte store); map entry, the commit point.
 //  - writeback regions batch writes into epochs: data of many sectors, one flush, their flog
-//    entries, a second flush, then their map entries. A sector written in an epoch is durable
-//    once sync() completes; until then reads see it through an in-memory overlay.
+//    entries, a second flush, then their map entries; until then reads see them through an
+//    in-memory overlay. With an intent log, sync() is one flush: each write's data and intent
+//    record are durable, and recovery takes the write back from them; an epoch commits when
+//    its lanes run out (or commit() is asked for). Without one, sync() commits.
 #pragma once
 
 #include <sys/uio.h>
@@ -137,15 +139,21 @@ class Btt {
   };
   Result<ReadRef> read_ref(uint64_t lba);
 
-  // Completes once every write that returned before the call is durable. Writeback: commits
-  // the current epoch (two requests on the flush channel). Direct and unsafe: at once.
+  // Completes once every write that returned before the call is durable. Writeback: one
+  // request on the flush channel with an intent log, else a commit. Direct and unsafe: at once.
   void sync(Callback done);
-  // The same, never waiting for another thread: with no commit in flight the commit runs in the
-  // caller's thread and done runs there before this returns; otherwise done joins the next
-  // commit and runs in its thread.
+  // The same, never waiting for another thread: the flush (or a commit, when none is in
+  // flight) runs in the caller's thread and done runs there before this returns; otherwise done
+  // joins the next commit and runs in its thread.
   void sync_or_join(Callback done);
-  // The same, blocking; with no commit in flight, the commit runs in the caller's thread.
+  // The same, blocking.
   Status sync_wait();
+  // Commits the current epoch (writeback: two or three requests on the flush channel), after
+  // which every write that returned before the call is durable in the map and flog, with
+  // nothing left for recovery to take back. commit_or_join and commit_wait as above.
+  void commit(Callback done);
+  void commit_or_join(Callback done);
+  Status commit_wait();
 
   // Pinned sectors keep their postmap block: writes to them go in place (no sector atomicity,
   // as with DAX) until unpinned. Pins nest.
@@ -166,8 +174,13 @@ class Btt {
     uint32_t premap;
   };
   Result<Locate> locate(uint64_t lba) const;
+  Status mark(uint64_t lba, uint32_t flag);
+  bool promise_by_intents() const;
+  void flush_intents(Callback done, bool in_this_thread);
+  bool retire_superseded();
   void start_commit(std::unique_lock<std::mutex>& lock);
   void commit_flog(const Status& flushed);
+  void commit_flog_now();
   void commit_map(const Status& flushed);
   void apply_map();
   void finish_commit(const Status& status);
@@ -178,6 +191,7 @@ class Btt {
   std::vector<std::unique_ptr<btt::Arena>> arenas_;
   std::vector<std::string> notes_;
   std::atomic<bool> failed_{false};
+  bool intents_ = false;  // opened with an intent log
 
   // Writeback epochs. Lock order: commit_mu_ before any arena lock.
   std::mutex commit_mu_;
