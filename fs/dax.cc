@@ -120,18 +120,21 @@ Result<std::unique_ptr<DaxMapping>> VolumeImpl::map(uint64_t ino, uint64_t offse
   return std::unique_ptr<DaxMapping>(std::move(mapping));
 }
 
+static_assert(kSettableXflags == (FS_XFLAG_IMMUTABLE | FS_XFLAG_APPEND | FS_XFLAG_DAX));
+
 Result<Attr> VolumeImpl::set_xflags(uint64_t ino, uint32_t xflags) {
   KillPoint kill_point{this};
   if (read_only_) return Status(EROFS, "read-only volume");
   if (!failed_) return Status(EROFS, failed_.message());
-  if (xflags & ~uint32_t(FS_XFLAG_DAX)) {
-    return Status(EOPNOTSUPP, "only FS_XFLAG_DAX can be set on vpmfs");
+  if (xflags & ~kSettableXflags) {
+    return Status(EOPNOTSUPP,
+                  "only FS_XFLAG_DAX, FS_XFLAG_IMMUTABLE and FS_XFLAG_APPEND can be set on vpmfs");
   }
   Lock lock(mu_);
   throttle(lock);
   auto inode = iget(ino);
   if (!inode) return inode.status();
-  inode->flags = (inode->flags & ~uint32_t(FS_XFLAG_DAX)) | xflags;
+  inode->flags = (inode->flags & ~kSettableXflags) | xflags;
   set_times(*inode, now(), kCtime);
   iput(ino, *inode);
   return to_attr(ino, *inode);

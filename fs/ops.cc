@@ -30,6 +30,22 @@ Status name_ok(std::string_view name) {
 
 constexpr uint64_t kMaxFileSize = 16ull << 40;  // 16 TiB
 
+// chattr +i and +a (FS_XFLAG_IMMUTABLE, FS_XFLAG_APPEND). A local filesystem leaves these to the
+// VFS, which reads them from the inode's i_flags; FUSE never sets those, so every call that
+// would change an inode or a directory's entries checks here, as the VFS would.
+bool immutable(const Inode& inode) {
+  return inode.flags & FS_XFLAG_IMMUTABLE;
+}
+bool append_only(const Inode& inode) {
+  return inode.flags & FS_XFLAG_APPEND;
+}
+// Neither changed nor removed: immutable, or append-only (may_delete, vfs_link, setxattr).
+Status fixed(const Inode& inode) {
+  if (immutable(inode)) return Status(EPERM, "immutable (chattr +i)");
+  if (append_only(inode)) return Status(EPERM, "append-only (chattr +a)");
+  return Status::ok();
+}
+
 }  // namespace
 
 #define VPMFS_WRITABLE()                                      \
@@ -145,6 +161,7 @@ Result<Attr> VolumeImpl::try_make_node(uint64_t parent, std::string_view name, u
   if (!S_ISDIR(dir->mode)) return Status(ENOTDIR, "not a directory");
   if (dir->nlink == 0) return Status(ENOENT, "directory was removed");
   if (dir_find(parent, *dir, name, nullptr)) return Status(EEXIST, std::string(name) + " exists");
+  if (immutable(*dir)) return Status(EPERM, "directory is immutable (chattr +i)");
   // A directory's default ACL stands in for the umask (POSIX.1e): the new node's access ACL is
   // the default masked with the mode asked for, and a new directory inherits the default too.
   // Symlinks have no ACLs.
@@ -247,10 +264,12 @@ Result<Attr> VolumeImpl::try_link(uint64_t ino, uint64_t parent, std::string_vie
   if (!inode) return inode.status();
   if (S_ISDIR(inode->mode)) return Status(EPERM, "hard links to directories are not allowed");
   if (inode->nlink >= 65000) return Status(EMLINK, "too many links");
+  if (Status s = fixed(*inode); !s) return s;
   auto dir = iget(parent);
   if (!dir) return dir.status();
   if (!S_ISDIR(dir->mode)) return Status(ENOTDIR, "not a directory");
   if (dir_find(parent, *dir, name, nullptr)) return Status(EEXIST, std::string(name) + " exists");
+  if (immutable(*dir)) return Status(EPERM, "directory is immutable (chattr +i)");
   if (Status s = dir_add(parent, *dir, name, ino, IFTODT(inode->mode)); !s) return s;
   Timestamp t = now();
   ++inode->nlink;
@@ -393,6 +412,8 @@ Status VolumeImpl::remove_entry(uint64_t parent, std::string_view name, bool dir
   if (!inode) return inode.status();
   if (directory && !S_ISDIR(inode->mode)) return Status(ENOTDIR, "not a directory");
   if (!directory && S_ISDIR(inode->mode)) return Status(EISDIR, "is a directory");
+  if (Status s = fixed(*dir); !s) return Status(EPERM, "directory: " + s.message());
+  if (Status s = fixed(*inode); !s) return s;
   if (directory && !dir_empty(*ino, *inode)) return Status(ENOTEMPTY, "directory not empty");
   if (Status s = dir_remove(parent, *dir, name); !s) return s;
   if (directory) --dir->nlink;  // its ".." pointed here
@@ -433,6 +454,17 @@ Status VolumeImpl::try_rename(uint64_t parent, std::string_view name, uint64_t n
   if ((flags & RENAME_EXCHANGE) && !target)
     return Status(ENOENT, std::string(new_name) + ": no such entry");
   if (target && *target == *ino) return Status::ok();  // two links to one inode: nothing to do
+  // As may_delete for the entry that goes (and the one replaced), may_create for a new one.
+  if (Status s = fixed(*from_dir); !s) return Status(EPERM, "directory: " + s.message());
+  if (Status s = fixed(*inode); !s) return s;
+  if (target) {
+    if (Status s = fixed(*to_dir); !s) return Status(EPERM, "directory: " + s.message());
+    auto replaced = iget(*target);
+    if (!replaced) return replaced.status();
+    if (Status s = fixed(*replaced); !s) return s;
+  } else if (immutable(*to_dir)) {
+    return Status(EPERM, "directory is immutable (chattr +i)");
+  }
   // A directory must not move below itself.
   if (S_ISDIR(inode->mode) || (target && (flags & RENAME_EXCHANGE))) {
     for (uint64_t up = new_parent, guard = 0; guard < sb_.inode_count; ++guard) {
@@ -562,6 +594,10 @@ Result<Attr> VolumeImpl::setattr(uint64_t ino, const SetAttr& c) {
   throttle(lock);
   auto inode = iget(ino);
   if (!inode) return inode.status();
+  if (immutable(*inode)) return Status(EPERM, "immutable (chattr +i)");
+  if (append_only(*inode) && (c.mode || c.uid || c.gid || c.size || c.mtime || c.atime)) {
+    return Status(EPERM, "append-only (chattr +a)");
+  }
   Timestamp t = now();
   if (c.mode) inode->mode = (inode->mode & S_IFMT) | (*c.mode & 07777);
   // chmod rewrites a stored access ACL to match (posix_acl_chmod). Worked out before anything
@@ -718,6 +754,10 @@ Result<std::size_t> VolumeImpl::write_piece(uint64_t ino, uint64_t offset, const
     auto inode = iget(ino);
     if (!inode) return inode.status();
     if (S_ISDIR(inode->mode)) return Status(EISDIR, "is a directory");
+    if (immutable(*inode)) return Status(EPERM, "immutable (chattr +i)");
+    if (append_only(*inode) && offset < inode->size) {
+      return Status(EPERM, "append-only (chattr +a): writes go at the end");
+    }
     const bool allocate = gate.owns_lock();
     Status short_write;
     targets.clear();
@@ -957,6 +997,7 @@ Status VolumeImpl::try_setxattr(uint64_t ino, std::string_view name, const void*
   throttle(lock);
   auto inode = iget(ino);
   if (!inode) return inode.status();
+  if (Status s = fixed(*inode); !s) return s;
   // As Linux: user attributes are for the owner's data, so only files and directories.
   if (*space == xattr::Space::user && !S_ISREG(inode->mode) && !S_ISDIR(inode->mode)) {
     return Status(EPERM, "only files and directories take user attributes");
@@ -1012,6 +1053,7 @@ Status VolumeImpl::removexattr(uint64_t ino, std::string_view name) {
   throttle(lock);
   auto inode = iget(ino);
   if (!inode) return inode.status();
+  if (Status s = fixed(*inode); !s) return s;
   if (*space == xattr::Space::user && !S_ISREG(inode->mode) && !S_ISDIR(inode->mode)) {
     return Status(EPERM, "only files and directories take user attributes");
   }
@@ -1164,6 +1206,8 @@ Status VolumeImpl::fallocate(uint64_t ino, int mode, uint64_t offset, uint64_t l
     Lock lock(mu_);
     auto inode = iget(ino);
     if (!inode) return inode.status();
+    if (immutable(*inode)) return Status(EPERM, "immutable (chattr +i)");
+    if (append_only(*inode) && (mode & ~kKeep)) return Status(EPERM, "append-only (chattr +a)");
     if (S_ISDIR(inode->mode)) return Status(EISDIR, "is a directory");
     if (S_ISFIFO(inode->mode)) return Status(ESPIPE, "is a fifo");
     if (!S_ISREG(inode->mode)) return Status(ENODEV, "not a regular file");

@@ -310,6 +310,14 @@ void op_open(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
     fuse_reply_err(req, EISDIR);
     return;
   }
+  // As may_open: no writing an immutable file, and an append-only one only with O_APPEND.
+  const bool writes = (fi->flags & O_ACCMODE) != O_RDONLY || (fi->flags & O_TRUNC);
+  if (writes &&
+      ((attr->flags & FS_XFLAG_IMMUTABLE) ||
+       ((attr->flags & FS_XFLAG_APPEND) && (!(fi->flags & O_APPEND) || (fi->flags & O_TRUNC))))) {
+    fuse_reply_err(req, EPERM);
+    return;
+  }
   setup_open(req, *attr, fi);
   if (fuse_reply_open(req, fi) != 0) delete open_file(fi);
 }
@@ -575,6 +583,28 @@ void ioctl_dax_unmap(fuse_req_t req, fuse_file_info* fi, const void* in_buf, siz
   reply_ioctl_status(req, found ? Status() : Status(EINVAL, "no such mapping"));
 }
 
+// chattr's flags (FS_IOC_GETFLAGS) and the FS_XFLAG_* bits they stand for.
+constexpr std::pair<unsigned, uint32_t> kFlagPairs[] = {
+    {FS_DAX_FL, FS_XFLAG_DAX},
+    {FS_IMMUTABLE_FL, FS_XFLAG_IMMUTABLE},
+    {FS_APPEND_FL, FS_XFLAG_APPEND},
+};
+
+// As fileattr_set checks: the owner (or root) sets flags; immutable and append-only, set or
+// cleared, need CAP_LINUX_IMMUTABLE, which FUSE does not pass on: root stands for it.
+Status set_xflags(fuse_req_t req, fuse_ino_t ino, uint32_t xflags) {
+  Volume& v = vol(req);
+  auto attr = v.peek_attr(ino);
+  if (!attr) return attr.status();
+  const fuse_ctx* ctx = fuse_req_ctx(req);
+  if (ctx->uid != 0 && ctx->uid != attr->uid) return Status(EPERM, "not the file's owner");
+  constexpr uint32_t kGuarded = FS_XFLAG_IMMUTABLE | FS_XFLAG_APPEND;
+  if (ctx->uid != 0 && ((attr->flags ^ xflags) & kGuarded)) {
+    return Status(EPERM, "immutable and append-only need CAP_LINUX_IMMUTABLE");
+  }
+  return v.set_xflags(ino, xflags).status();
+}
+
 void op_ioctl(fuse_req_t req, fuse_ino_t ino, unsigned int cmd, void*, fuse_file_info* fi,
               unsigned flags, const void* in_buf, size_t in_size, size_t out_size) {
   if (flags & FUSE_IOCTL_COMPAT) {
@@ -595,23 +625,32 @@ void op_ioctl(fuse_req_t req, fuse_ino_t ino, unsigned int cmd, void*, fuse_file
       if (in_size < sizeof fa) return reply_status(req, Status(EINVAL, "short fsxattr"));
       std::memcpy(&fa, in_buf, sizeof fa);
       if (fa.fsx_extsize != 0 || fa.fsx_projid != 0 || fa.fsx_cowextsize != 0) {
-        return reply_status(req, Status(EOPNOTSUPP, "only FS_XFLAG_DAX"));
+        return reply_status(req, Status(EOPNOTSUPP, "only FS_XFLAG_DAX, IMMUTABLE and APPEND"));
       }
-      return reply_ioctl_status(req, v.set_xflags(ino, fa.fsx_xflags).status());
+      return reply_ioctl_status(req, set_xflags(req, ino, fa.fsx_xflags));
     }
     case FS_IOC_GETFLAGS: {
       auto attr = v.peek_attr(ino);
       if (!attr) return reply_status(req, attr.status());
-      unsigned int fl = (attr->flags & FS_XFLAG_DAX) ? FS_DAX_FL : 0;
+      unsigned int fl = 0;
+      for (const auto& [flag, xflag] : kFlagPairs) {
+        if (attr->flags & xflag) fl |= flag;
+      }
       return reply_ioctl_value(req, &fl, sizeof fl, out_size);
     }
     case FS_IOC_SETFLAGS: {
       unsigned int fl = 0;
       if (in_size < sizeof fl) return reply_status(req, Status(EINVAL, "short flags"));
       std::memcpy(&fl, in_buf, sizeof fl);
-      if (fl & ~unsigned(FS_DAX_FL)) return reply_status(req, Status(EOPNOTSUPP, "only FS_DAX_FL"));
-      return reply_ioctl_status(req,
-                                v.set_xflags(ino, (fl & FS_DAX_FL) ? FS_XFLAG_DAX : 0).status());
+      uint32_t xflags = 0;
+      for (const auto& [flag, xflag] : kFlagPairs) {
+        if (fl & flag) xflags |= xflag;
+        fl &= ~flag;
+      }
+      if (fl != 0) {
+        return reply_status(req, Status(EOPNOTSUPP, "only FS_DAX_FL, IMMUTABLE_FL and APPEND_FL"));
+      }
+      return reply_ioctl_status(req, set_xflags(req, ino, xflags));
     }
     case VPMFS_IOC_DAX_MAP:
       return ioctl_dax_map(req, ino, fi, in_buf, in_size, out_size);

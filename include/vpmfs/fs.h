@@ -87,6 +87,9 @@ struct Attr {
 };
 
 // What setattr changes; unset fields stay.
+// The FS_XFLAG_* bits set_xflags takes.
+inline constexpr uint32_t kSettableXflags = 0x8 | 0x10 | 0x8000;  // IMMUTABLE, APPEND, DAX
+
 struct SetAttr {
   std::optional<uint32_t> mode;
   std::optional<uint32_t> uid;
@@ -227,8 +230,10 @@ class Volume {
   // any region: DaxMapping::sync is the msync.
   virtual Result<std::unique_ptr<DaxMapping>> map(uint64_t ino, uint64_t offset, uint64_t length,
                                                   bool synchronous) = 0;
-  // FS_IOC_FSSETXATTR: the inode's FS_XFLAG_* flags. Only FS_XFLAG_DAX can be set (other bits:
-  // EOPNOTSUPP); new files and directories inherit it from their directory.
+  // FS_IOC_FSSETXATTR: the inode's FS_XFLAG_* flags. FS_XFLAG_DAX, FS_XFLAG_IMMUTABLE and
+  // FS_XFLAG_APPEND can be set (other bits: EOPNOTSUPP); new files and directories inherit DAX
+  // from their directory. The volume enforces immutable and append-only in every call (EPERM);
+  // who may set them (the owner; CAP_LINUX_IMMUTABLE for those two) is the caller's to check.
   virtual Result<Attr> set_xflags(uint64_t ino, uint32_t xflags) = 0;
   // Whether the volume still takes changes, and if not, why.
   struct Health {

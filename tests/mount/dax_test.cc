@@ -84,8 +84,8 @@ TEST(Dax, XfsIoChattrAndLsattrRoundTripAndNewFilesInherit) {
   fl = 0;
   EXPECT_EQ(::ioctl(fd, FS_IOC_GETFLAGS, &fl), 0);
   EXPECT_EQ(fl & FS_DAX_FL, unsigned(FS_DAX_FL));
-  fl = FS_IMMUTABLE_FL;
-  EXPECT_EQ(::ioctl(fd, FS_IOC_SETFLAGS, &fl), -1) << "only the DAX flag is supported";
+  fl = FS_DAX_FL | FS_COMPR_FL;
+  EXPECT_EQ(::ioctl(fd, FS_IOC_SETFLAGS, &fl), -1) << "compression is not supported";
   EXPECT_EQ(errno, EOPNOTSUPP);
   ::close(fd);
   EXPECT_EQ(m.remount(), 0) << "fsck after the flags";

@@ -361,6 +361,107 @@ TEST_F(Posix, PermissionsForAnOrdinaryUser) {
   EXPECT_EQ(WEXITSTATUS(status), 0) << "step that did not fail as POSIX says";
 }
 
+// chattr +i / +a through FS_IOC_SETFLAGS, as chattr sets them.
+int set_flags(const std::string& path, unsigned flags) {
+  int fd = ::open(path.c_str(), O_RDONLY);
+  if (fd < 0) return errno;
+  int rc = err(::ioctl(fd, FS_IOC_SETFLAGS, &flags));
+  ::close(fd);
+  return rc;
+}
+
+unsigned get_flags(const std::string& path) {
+  int fd = ::open(path.c_str(), O_RDONLY);
+  unsigned flags = ~0u;
+  EXPECT_EQ(::ioctl(fd, FS_IOC_GETFLAGS, &flags), 0) << strerror(errno);
+  ::close(fd);
+  return flags;
+}
+
+TEST_F(Posix, AnImmutableFileAndDirectoryRefuseEveryChange) {
+  const std::string f = p("file"), d = p("dir");
+  spit(f, "frozen");
+  ASSERT_EQ(::mkdir(d.c_str(), 0755), 0);
+  spit(d + "/inside", "x");
+  ASSERT_EQ(::chown(d.c_str(), 65534, 65534), 0);
+  ASSERT_EQ(set_flags(f, FS_IMMUTABLE_FL), 0);
+  ASSERT_EQ(set_flags(d, FS_IMMUTABLE_FL), 0);
+  EXPECT_EQ(get_flags(f), unsigned(FS_IMMUTABLE_FL));
+  struct fsxattr fa {};
+  int fd = ::open(f.c_str(), O_RDONLY);
+  ASSERT_EQ(::ioctl(fd, FS_IOC_FSGETXATTR, &fa), 0);
+  EXPECT_EQ(fa.fsx_xflags, unsigned(FS_XFLAG_IMMUTABLE));
+  ::close(fd);
+
+  EXPECT_EQ(err(::open(f.c_str(), O_WRONLY)), EPERM);
+  EXPECT_EQ(err(::open(f.c_str(), O_RDONLY | O_TRUNC)), EPERM);
+  EXPECT_EQ(err(::truncate(f.c_str(), 0)), EPERM);
+  EXPECT_EQ(err(::chmod(f.c_str(), 0600)), EPERM);
+  EXPECT_EQ(err(::chown(f.c_str(), 1, 1)), EPERM);
+  EXPECT_EQ(err(::utimensat(AT_FDCWD, f.c_str(), nullptr, 0)), EPERM);
+  EXPECT_EQ(err(::setxattr(f.c_str(), "user.k", "v", 1, 0)), EPERM);
+  EXPECT_EQ(err(::link(f.c_str(), p("link").c_str())), EPERM);
+  EXPECT_EQ(err(::rename(f.c_str(), p("moved").c_str())), EPERM);
+  EXPECT_EQ(err(::unlink(f.c_str())), EPERM);
+  EXPECT_EQ(slurp(f), "frozen") << "reading is allowed";
+  // Nothing enters or leaves an immutable directory; what is in it can still change.
+  EXPECT_EQ(err(::open((d + "/new").c_str(), O_CREAT | O_WRONLY, 0644)), EPERM);
+  EXPECT_EQ(err(::mkdir((d + "/sub").c_str(), 0755)), EPERM);
+  EXPECT_EQ(err(::unlink((d + "/inside").c_str())), EPERM);
+  EXPECT_EQ(err(::rename((d + "/inside").c_str(), p("out").c_str())), EPERM);
+  spit(d + "/inside", "changed");
+  EXPECT_EQ(slurp(d + "/inside"), "changed");
+  // Only root (CAP_LINUX_IMMUTABLE) clears it; the owner cannot.
+  pid_t pid = fork();
+  if (pid == 0) {
+    if (setgid(65534) != 0 || setuid(65534) != 0) _exit(10);
+    _exit(set_flags(d, 0) == EPERM ? 0 : 1);
+  }
+  int status = 0;
+  waitpid(pid, &status, 0);
+  EXPECT_EQ(WEXITSTATUS(status), 0) << "an ordinary user cleared the immutable flag";
+  ASSERT_EQ(set_flags(f, 0), 0);
+  ASSERT_EQ(set_flags(d, 0), 0);
+  EXPECT_EQ(::unlink((d + "/inside").c_str()), 0);
+  EXPECT_EQ(::rmdir(d.c_str()), 0);
+  spit(f, "thawed");
+  EXPECT_EQ(::unlink(f.c_str()), 0);
+}
+
+TEST_F(Posix, AnAppendOnlyFileOnlyGrows) {
+  const std::string f = p("log"), d = p("dir");
+  spit(f, "one\n");
+  ASSERT_EQ(::mkdir(d.c_str(), 0755), 0);
+  spit(d + "/old", "x");
+  ASSERT_EQ(set_flags(f, FS_APPEND_FL), 0);
+  ASSERT_EQ(set_flags(d, FS_APPEND_FL), 0);
+  EXPECT_EQ(get_flags(f), unsigned(FS_APPEND_FL));
+  EXPECT_EQ(err(::open(f.c_str(), O_WRONLY)), EPERM) << "writing needs O_APPEND";
+  EXPECT_EQ(err(::open(f.c_str(), O_WRONLY | O_APPEND | O_TRUNC)), EPERM);
+  spit(f, "two\n", O_WRONLY | O_APPEND);
+  EXPECT_EQ(slurp(f), "one\ntwo\n");
+  EXPECT_EQ(err(::truncate(f.c_str(), 0)), EPERM);
+  int fd = ::open(f.c_str(), O_WRONLY | O_APPEND);
+  ASSERT_GE(fd, 0) << strerror(errno);
+  EXPECT_EQ(err(::fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0, 4)), EPERM);
+  EXPECT_EQ(::fallocate(fd, FALLOC_FL_KEEP_SIZE, 0, 8192), 0) << "reserving space is allowed";
+  ::close(fd);
+  EXPECT_EQ(err(::chmod(f.c_str(), 0600)), EPERM);
+  EXPECT_EQ(err(::setxattr(f.c_str(), "user.k", "v", 1, 0)), EPERM);
+  EXPECT_EQ(err(::unlink(f.c_str())), EPERM);
+  EXPECT_EQ(err(::rename(f.c_str(), p("moved").c_str())), EPERM);
+  // An append-only directory takes new entries and keeps them.
+  spit(d + "/new", "y");
+  EXPECT_EQ(err(::unlink((d + "/new").c_str())), EPERM);
+  EXPECT_EQ(err(::rename((d + "/old").c_str(), (d + "/renamed").c_str())), EPERM);
+  ASSERT_EQ(set_flags(f, 0), 0);
+  ASSERT_EQ(set_flags(d, 0), 0);
+  EXPECT_EQ(::unlink(f.c_str()), 0);
+  EXPECT_EQ(::unlink((d + "/new").c_str()), 0);
+  EXPECT_EQ(::unlink((d + "/old").c_str()), 0);
+  EXPECT_EQ(::rmdir(d.c_str()), 0);
+}
+
 TEST_F(Posix, OpenWithOTruncEmptiesTheFile) {
   spit(p("trunc"), "hello world");
   spit(p("trunc"), "hi");  // O_WRONLY | O_CREAT | O_TRUNC, as a shell's ">" does
