@@ -120,7 +120,8 @@ Result<std::unique_ptr<DaxMapping>> VolumeImpl::map(uint64_t ino, uint64_t offse
   return std::unique_ptr<DaxMapping>(std::move(mapping));
 }
 
-static_assert(kSettableXflags == (FS_XFLAG_IMMUTABLE | FS_XFLAG_APPEND | FS_XFLAG_DAX));
+static_assert(kSettableXflags == (FS_XFLAG_IMMUTABLE | FS_XFLAG_APPEND | FS_XFLAG_SYNC |
+                                  FS_XFLAG_NOATIME | FS_XFLAG_NODUMP | FS_XFLAG_DAX));
 
 Result<Attr> VolumeImpl::set_xflags(uint64_t ino, uint32_t xflags) {
   KillPoint kill_point{this};
@@ -128,7 +129,8 @@ Result<Attr> VolumeImpl::set_xflags(uint64_t ino, uint32_t xflags) {
   if (!failed_) return Status(EROFS, failed_.message());
   if (xflags & ~kSettableXflags) {
     return Status(EOPNOTSUPP,
-                  "only FS_XFLAG_DAX, FS_XFLAG_IMMUTABLE and FS_XFLAG_APPEND can be set on vpmfs");
+                  "vpmfs sets only the DAX, IMMUTABLE, APPEND, SYNC, NOATIME and "
+                  "NODUMP FS_XFLAG_* flags");
   }
   Lock lock(mu_);
   throttle(lock);

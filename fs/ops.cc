@@ -97,6 +97,22 @@ bool VolumeImpl::space_after_commit() {
   return !quarantine_.empty();
 }
 
+template <class R>
+R VolumeImpl::synchronous(R result, std::initializer_list<uint64_t> inos) {
+  if (!result) return result;
+  bool sync = false;
+  {
+    Lock lock(mu_);
+    for (uint64_t ino : inos) {
+      auto inode = iget(ino);
+      sync |= inode && (inode->flags & FS_XFLAG_SYNC);
+    }
+  }
+  if (!sync) return result;
+  if (Status s = sync_wait(); !s) return s;
+  return result;
+}
+
 template <class Op>
 auto VolumeImpl::with_space(Op op) -> decltype(op()) {
   auto result = op();
@@ -113,23 +129,38 @@ auto VolumeImpl::with_space(Op op) -> decltype(op()) {
 Result<Attr> VolumeImpl::make_node(uint64_t parent, std::string_view name, uint32_t mode,
                                    uint64_t rdev, uint32_t uid, uint32_t gid,
                                    std::string_view target, uint32_t umask) {
-  return with_space(
-      [&] { return try_make_node(parent, name, mode, rdev, uid, gid, target, umask); });
+  return synchronous(
+      with_space([&] { return try_make_node(parent, name, mode, rdev, uid, gid, target, umask); }),
+      {parent});
 }
 
 Result<Attr> VolumeImpl::link(uint64_t ino, uint64_t parent, std::string_view name) {
-  return with_space([&] { return try_link(ino, parent, name); });
+  return synchronous(with_space([&] { return try_link(ino, parent, name); }), {ino, parent});
 }
 
 Status VolumeImpl::rename(uint64_t parent, std::string_view name, uint64_t new_parent,
                           std::string_view new_name, uint32_t flags, uint32_t uid, uint32_t gid) {
-  return with_space(
-      [&] { return try_rename(parent, name, new_parent, new_name, flags, uid, gid); });
+  return synchronous(
+      with_space([&] { return try_rename(parent, name, new_parent, new_name, flags, uid, gid); }),
+      {parent, new_parent});
 }
 
 Status VolumeImpl::setxattr(uint64_t ino, std::string_view name, const void* value,
                             std::size_t size, int flags) {
-  return with_space([&] { return try_setxattr(ino, name, value, size, flags); });
+  return synchronous(with_space([&] { return try_setxattr(ino, name, value, size, flags); }),
+                     {ino});
+}
+
+Result<Attr> VolumeImpl::setattr(uint64_t ino, const SetAttr& change) {
+  return synchronous(try_setattr(ino, change), {ino});
+}
+
+Status VolumeImpl::removexattr(uint64_t ino, std::string_view name) {
+  return synchronous(try_removexattr(ino, name), {ino});
+}
+
+Status VolumeImpl::fallocate(uint64_t ino, int mode, uint64_t offset, uint64_t length) {
+  return synchronous(try_fallocate(ino, mode, offset, length), {ino});
 }
 
 Inode VolumeImpl::new_inode(uint64_t ino, uint32_t mode, uint32_t uid, uint32_t gid,
@@ -323,6 +354,7 @@ Status VolumeImpl::zero_tail(Inode& inode) {
 
 bool VolumeImpl::touch_atime(Inode& inode) {
   if (read_only_ || !failed_ || atime_ == MountOptions::Atime::noatime) return false;
+  if (inode.flags & FS_XFLAG_NOATIME) return false;  // chattr +A
   Timestamp t = now();
   auto before = [](int64_t s1, uint32_t n1, int64_t s2, uint32_t n2) {
     return s1 < s2 || (s1 == s2 && n1 <= n2);
@@ -388,11 +420,11 @@ Status VolumeImpl::reap(Lock& lock) {
 }
 
 Status VolumeImpl::unlink(uint64_t parent, std::string_view name) {
-  return remove_entry(parent, name, false);
+  return synchronous(remove_entry(parent, name, false), {parent});
 }
 
 Status VolumeImpl::rmdir(uint64_t parent, std::string_view name) {
-  return remove_entry(parent, name, true);
+  return synchronous(remove_entry(parent, name, true), {parent});
 }
 
 Status VolumeImpl::remove_entry(uint64_t parent, std::string_view name, bool directory) {
@@ -584,7 +616,7 @@ Status VolumeImpl::try_rename(uint64_t parent, std::string_view name, uint64_t n
   return reap(lock);
 }
 
-Result<Attr> VolumeImpl::setattr(uint64_t ino, const SetAttr& c) {
+Result<Attr> VolumeImpl::try_setattr(uint64_t ino, const SetAttr& c) {
   KillPoint kill_point{this};
   VPMFS_WRITABLE();
   Node* n = locked_node(ino);
@@ -710,10 +742,11 @@ Result<std::size_t> VolumeImpl::write(uint64_t ino, uint64_t offset, const void*
   const auto* in = static_cast<const std::byte*>(buf);
   std::size_t done = 0;
   bool committed = false;
+  bool sync = false;
   while (done < len) {
     uint64_t at = offset + done;
     std::size_t want = std::min<uint64_t>(len - done, (at / piece + 1) * piece - at);
-    auto wrote = write_piece(ino, at, in + done, want);
+    auto wrote = write_piece(ino, at, in + done, want, &sync);
     bool short_of_space = wrote ? *wrote < want : wrote.status().error() == ENOSPC;
     if (short_of_space && !committed && space_after_commit()) {
       // Blocks freed in the running transaction are usable once it commits (see with_space).
@@ -729,11 +762,15 @@ Result<std::size_t> VolumeImpl::write(uint64_t ino, uint64_t offset, const void*
     done += *wrote;
     if (*wrote < want) break;  // out of space part way
   }
+  if (sync) {
+    io.unlock();
+    if (Status s = sync_wait(); !s) return s;
+  }
   return done;
 }
 
 Result<std::size_t> VolumeImpl::write_piece(uint64_t ino, uint64_t offset, const std::byte* in,
-                                            std::size_t len) {
+                                            std::size_t len, bool* sync) {
   {
     Lock lock(mu_);
     throttle(lock);
@@ -758,6 +795,7 @@ Result<std::size_t> VolumeImpl::write_piece(uint64_t ino, uint64_t offset, const
     if (append_only(*inode) && offset < inode->size) {
       return Status(EPERM, "append-only (chattr +a): writes go at the end");
     }
+    *sync = inode->flags & FS_XFLAG_SYNC;
     const bool allocate = gate.owns_lock();
     Status short_write;
     targets.clear();
@@ -1044,7 +1082,7 @@ Result<std::size_t> VolumeImpl::listxattr(uint64_t ino, char* buf, std::size_t s
   return total;
 }
 
-Status VolumeImpl::removexattr(uint64_t ino, std::string_view name) {
+Status VolumeImpl::try_removexattr(uint64_t ino, std::string_view name) {
   KillPoint kill_point{this};
   VPMFS_WRITABLE();
   auto space = xattr::classify(name);
@@ -1185,7 +1223,7 @@ void VolumeImpl::punch_blocks(Inode& inode, uint64_t lo, uint64_t hi) {
 
 // --- fallocate and SEEK_DATA / SEEK_HOLE ------------------------------------------------------
 
-Status VolumeImpl::fallocate(uint64_t ino, int mode, uint64_t offset, uint64_t length) {
+Status VolumeImpl::try_fallocate(uint64_t ino, int mode, uint64_t offset, uint64_t length) {
   KillPoint kill_point{this};
   VPMFS_WRITABLE();
   constexpr int kKeep = FALLOC_FL_KEEP_SIZE, kPunch = FALLOC_FL_PUNCH_HOLE,

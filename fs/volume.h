@@ -210,6 +210,13 @@ class VolumeImpl final : public Volume {
   bool space_after_commit();
   template <class Op>
   auto with_space(Op op) -> decltype(op());
+  // chattr +S (FS_XFLAG_SYNC) on any of inos: a call that succeeded is durable before it
+  // returns, as on a volume mounted -o sync. The sync's failure is the call's.
+  template <class R>
+  R synchronous(R result, std::initializer_list<uint64_t> inos);
+  Result<Attr> try_setattr(uint64_t ino, const SetAttr& change);
+  Status try_removexattr(uint64_t ino, std::string_view name);
+  Status try_fallocate(uint64_t ino, int mode, uint64_t offset, uint64_t length);
   Result<Attr> try_make_node(uint64_t parent, std::string_view name, uint32_t mode, uint64_t rdev,
                              uint32_t uid, uint32_t gid, std::string_view target, uint32_t umask);
   Result<Attr> try_link(uint64_t ino, uint64_t parent, std::string_view name);
@@ -241,8 +248,9 @@ class VolumeImpl final : public Volume {
   Status free_blocks_from(uint64_t ino, uint64_t keep, Lock& lock);
   // One piece of write(): blocks for [offset, offset + len), then the data. Holds the file's io
   // lock (the caller's); takes the data gate itself.
+  // *sync: the file has FS_XFLAG_SYNC.
   Result<std::size_t> write_piece(uint64_t ino, uint64_t offset, const std::byte* in,
-                                  std::size_t len);
+                                  std::size_t len, bool* sync);
   // Attributes as the front end reports them; marks the times as seen (stamp_write) unless
   // `report` is false.
   Attr to_attr(uint64_t ino, const fsfmt::Inode& inode, bool report = true);

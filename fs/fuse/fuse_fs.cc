@@ -585,9 +585,9 @@ void ioctl_dax_unmap(fuse_req_t req, fuse_file_info* fi, const void* in_buf, siz
 
 // chattr's flags (FS_IOC_GETFLAGS) and the FS_XFLAG_* bits they stand for.
 constexpr std::pair<unsigned, uint32_t> kFlagPairs[] = {
-    {FS_DAX_FL, FS_XFLAG_DAX},
-    {FS_IMMUTABLE_FL, FS_XFLAG_IMMUTABLE},
-    {FS_APPEND_FL, FS_XFLAG_APPEND},
+    {FS_DAX_FL, FS_XFLAG_DAX},         {FS_IMMUTABLE_FL, FS_XFLAG_IMMUTABLE},
+    {FS_APPEND_FL, FS_XFLAG_APPEND},   {FS_SYNC_FL, FS_XFLAG_SYNC},
+    {FS_NOATIME_FL, FS_XFLAG_NOATIME}, {FS_NODUMP_FL, FS_XFLAG_NODUMP},
 };
 
 // As fileattr_set checks: the owner (or root) sets flags; immutable and append-only, set or
@@ -625,7 +625,7 @@ void op_ioctl(fuse_req_t req, fuse_ino_t ino, unsigned int cmd, void*, fuse_file
       if (in_size < sizeof fa) return reply_status(req, Status(EINVAL, "short fsxattr"));
       std::memcpy(&fa, in_buf, sizeof fa);
       if (fa.fsx_extsize != 0 || fa.fsx_projid != 0 || fa.fsx_cowextsize != 0) {
-        return reply_status(req, Status(EOPNOTSUPP, "only FS_XFLAG_DAX, IMMUTABLE and APPEND"));
+        return reply_status(req, Status(EOPNOTSUPP, "extent sizes and projects"));
       }
       return reply_ioctl_status(req, set_xflags(req, ino, fa.fsx_xflags));
     }
@@ -648,7 +648,7 @@ void op_ioctl(fuse_req_t req, fuse_ino_t ino, unsigned int cmd, void*, fuse_file
         fl &= ~flag;
       }
       if (fl != 0) {
-        return reply_status(req, Status(EOPNOTSUPP, "only FS_DAX_FL, IMMUTABLE_FL and APPEND_FL"));
+        return reply_status(req, Status(EOPNOTSUPP, "flags vpmfs does not have"));
       }
       return reply_ioctl_status(req, set_xflags(req, ino, xflags));
     }

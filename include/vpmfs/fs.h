@@ -87,8 +87,8 @@ struct Attr {
 };
 
 // What setattr changes; unset fields stay.
-// The FS_XFLAG_* bits set_xflags takes.
-inline constexpr uint32_t kSettableXflags = 0x8 | 0x10 | 0x8000;  // IMMUTABLE, APPEND, DAX
+// The FS_XFLAG_* bits set_xflags takes: IMMUTABLE, APPEND, SYNC, NOATIME, NODUMP, DAX.
+inline constexpr uint32_t kSettableXflags = 0x8 | 0x10 | 0x20 | 0x40 | 0x80 | 0x8000;
 
 struct SetAttr {
   std::optional<uint32_t> mode;
@@ -230,10 +230,12 @@ class Volume {
   // any region: DaxMapping::sync is the msync.
   virtual Result<std::unique_ptr<DaxMapping>> map(uint64_t ino, uint64_t offset, uint64_t length,
                                                   bool synchronous) = 0;
-  // FS_IOC_FSSETXATTR: the inode's FS_XFLAG_* flags. FS_XFLAG_DAX, FS_XFLAG_IMMUTABLE and
-  // FS_XFLAG_APPEND can be set (other bits: EOPNOTSUPP); new files and directories inherit DAX
-  // from their directory. The volume enforces immutable and append-only in every call (EPERM);
-  // who may set them (the owner; CAP_LINUX_IMMUTABLE for those two) is the caller's to check.
+  // FS_IOC_FSSETXATTR: the inode's FS_XFLAG_* flags, those of kSettableXflags (other bits:
+  // EOPNOTSUPP); new files and directories inherit DAX from their directory. The volume
+  // enforces immutable and append-only in every call (EPERM), makes every change to a SYNC
+  // inode (or in a SYNC directory) durable before the call returns, and leaves the atime of a
+  // NOATIME inode alone; NODUMP is only kept. Who may set them (the owner; CAP_LINUX_IMMUTABLE
+  // for immutable and append-only) is the caller's to check.
   virtual Result<Attr> set_xflags(uint64_t ino, uint32_t xflags) = 0;
   // Whether the volume still takes changes, and if not, why.
   struct Health {

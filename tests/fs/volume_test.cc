@@ -311,6 +311,48 @@ TEST_P(VolumeTest, WritesStampTimesThatWhoeverLookedSeesChange) {
   EXPECT_EQ(v_->getattr(f)->size, 2u);
 }
 
+// chattr +S: every change to the file, or to the directory's entries, is durable when the call
+// returns (one sync each); +A: reads leave the access time alone; +d is only kept.
+TEST_P(VolumeTest, SyncAndNoatimeFlags) {
+  uint64_t f = create(kRootIno, "f");
+  auto d = v_->mkdir(kRootIno, "d", 0755, 0, 0);
+  ASSERT_TRUE(d);
+  ASSERT_TRUE(v_->set_xflags(f, FS_XFLAG_SYNC | FS_XFLAG_NODUMP));
+  ASSERT_TRUE(v_->set_xflags(d->ino, FS_XFLAG_SYNC));
+  EXPECT_EQ(v_->getattr(f)->flags, uint32_t(FS_XFLAG_SYNC | FS_XFLAG_NODUMP));
+  auto syncs_of = [&](auto&& call) {
+    uint64_t before = v_->health().syncs;
+    EXPECT_TRUE(call());
+    return v_->health().syncs - before;
+  };
+  uint64_t plain = create(kRootIno, "plain");
+  EXPECT_EQ(syncs_of([&] { return v_->write(plain, 0, "p", 1); }), 0u);
+  EXPECT_EQ(syncs_of([&] { return v_->write(f, 0, "s", 1); }), 1u);
+  SetAttr chmod;
+  chmod.mode = 0600;
+  EXPECT_EQ(syncs_of([&] { return v_->setattr(f, chmod); }), 1u);
+  EXPECT_EQ(syncs_of([&] { return v_->setxattr(f, "user.k", "v", 1, 0); }), 1u);
+  EXPECT_EQ(syncs_of([&] { return v_->mknod(d->ino, "in", S_IFREG | 0644, 0, 0, 0); }), 1u);
+  EXPECT_EQ(syncs_of([&] { return v_->unlink(d->ino, "in"); }), 1u);
+  EXPECT_EQ(syncs_of([&] { return v_->mknod(kRootIno, "out", S_IFREG | 0644, 0, 0, 0); }), 0u);
+
+  // Written after its last read: relatime would update the atime on the next read.
+  uint64_t quiet = create(kRootIno, "quiet");
+  ASSERT_TRUE(v_->write(quiet, 0, "q", 1));
+  ASSERT_TRUE(v_->write(plain, 0, "p", 1));
+  ASSERT_TRUE(v_->set_xflags(quiet, FS_XFLAG_NOATIME));
+  auto quiet_before = v_->getattr(quiet)->atime;
+  auto plain_before = v_->getattr(plain)->atime;
+  std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  char c;
+  ASSERT_TRUE(v_->read(quiet, 0, &c, 1));
+  ASSERT_TRUE(v_->read(plain, 0, &c, 1));
+  auto same = [](timespec a, timespec b) { return a.tv_sec == b.tv_sec && a.tv_nsec == b.tv_nsec; };
+  EXPECT_TRUE(same(v_->getattr(quiet)->atime, quiet_before)) << "+A: the read set the atime";
+  EXPECT_FALSE(same(v_->getattr(plain)->atime, plain_before)) << "relatime without +A";
+  EXPECT_EQ(v_->set_xflags(f, FS_XFLAG_REALTIME).status().error(), EOPNOTSUPP);
+}
+
 TEST_P(VolumeTest, TruncateDownZeroesTheTail) {
   uint64_t f = create(kRootIno, "t");
   std::vector<char> data(10000, 'z');

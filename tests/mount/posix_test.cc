@@ -462,6 +462,20 @@ TEST_F(Posix, AnAppendOnlyFileOnlyGrows) {
   EXPECT_EQ(::rmdir(d.c_str()), 0);
 }
 
+TEST_F(Posix, ChattrFlagsRoundTripAndUnknownOnesAreRefused) {
+  const std::string f = p("f");
+  spit(f, "x");
+  const unsigned all = FS_SYNC_FL | FS_NOATIME_FL | FS_NODUMP_FL | FS_DAX_FL;
+  ASSERT_EQ(set_flags(f, all), 0);
+  EXPECT_EQ(get_flags(f), all);
+  EXPECT_EQ(set_flags(f, FS_COMPR_FL), EOPNOTSUPP);
+  EXPECT_EQ(get_flags(f), all) << "a refused change changed nothing";
+  spit(f, "synchronous");
+  EXPECT_EQ(slurp(f), "synchronous");
+  ASSERT_EQ(set_flags(f, 0), 0);
+  EXPECT_EQ(get_flags(f), 0u);
+}
+
 TEST_F(Posix, OpenWithOTruncEmptiesTheFile) {
   spit(p("trunc"), "hello world");
   spit(p("trunc"), "hi");  // O_WRONLY | O_CREAT | O_TRUNC, as a shell's ">" does
