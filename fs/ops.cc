@@ -627,7 +627,8 @@ Result<Attr> VolumeImpl::try_setattr(uint64_t ino, const SetAttr& c) {
   auto inode = iget(ino);
   if (!inode) return inode.status();
   if (immutable(*inode)) return Status(EPERM, "immutable (chattr +i)");
-  if (append_only(*inode) && (c.mode || c.uid || c.gid || c.size || c.mtime || c.atime)) {
+  const bool times_given = (c.mtime || c.atime) && !c.times_now;
+  if (append_only(*inode) && (c.mode || c.uid || c.gid || c.size || times_given)) {
     return Status(EPERM, "append-only (chattr +a)");
   }
   Timestamp t = now();

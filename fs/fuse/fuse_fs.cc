@@ -224,6 +224,9 @@ void op_setattr(fuse_req_t req, fuse_ino_t ino, struct stat* attr, int to_set, f
   } else if (to_set & FUSE_SET_ATTR_MTIME) {
     c.mtime = attr->st_mtim;
   }
+  const bool atime_given = (to_set & FUSE_SET_ATTR_ATIME) && !(to_set & FUSE_SET_ATTR_ATIME_NOW);
+  const bool mtime_given = (to_set & FUSE_SET_ATTR_MTIME) && !(to_set & FUSE_SET_ATTR_MTIME_NOW);
+  c.times_now = !atime_given && !mtime_given;
   auto changed = vol(req).setattr(ino, c);
   if (changed && (c.size || c.uid || c.gid)) {
     kill_privileges(req, ino, c.uid || c.gid);
@@ -602,7 +605,11 @@ Status set_xflags(fuse_req_t req, fuse_ino_t ino, uint32_t xflags) {
   if (ctx->uid != 0 && ((attr->flags ^ xflags) & kGuarded)) {
     return Status(EPERM, "immutable and append-only need CAP_LINUX_IMMUTABLE");
   }
-  return v.set_xflags(ino, xflags).status();
+  auto changed = v.set_xflags(ino, xflags);
+  if (!changed) return changed.status();
+  // The kernel keeps the attributes it last saw, ctime included: it must ask again.
+  fuse_lowlevel_notify_inval_inode(daemon_of(req).session, ino, -1, 0);
+  return Status::ok();
 }
 
 void op_ioctl(fuse_req_t req, fuse_ino_t ino, unsigned int cmd, void*, fuse_file_info* fi,

@@ -97,6 +97,9 @@ struct SetAttr {
   std::optional<uint64_t> size;
   std::optional<timespec> atime;  // UTIME_NOW resolved by the caller
   std::optional<timespec> mtime;
+  // The times are the current time (utimes(NULL), UTIME_NOW), not times given: allowed on an
+  // append-only file, as on Linux.
+  bool times_now = false;
 };
 
 // Part of a file mapped for direct loads and stores (Volume::map): file bytes

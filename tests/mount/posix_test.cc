@@ -450,6 +450,9 @@ TEST_F(Posix, AnAppendOnlyFileOnlyGrows) {
   EXPECT_EQ(err(::setxattr(f.c_str(), "user.k", "v", 1, 0)), EPERM);
   EXPECT_EQ(err(::unlink(f.c_str())), EPERM);
   EXPECT_EQ(err(::rename(f.c_str(), p("moved").c_str())), EPERM);
+  EXPECT_EQ(err(::utimensat(AT_FDCWD, f.c_str(), nullptr, 0)), 0) << "touch: times set to now";
+  const timespec given[2] = {{1, 0}, {1, 0}};
+  EXPECT_EQ(err(::utimensat(AT_FDCWD, f.c_str(), given, 0)), EPERM) << "times given";
   // An append-only directory takes new entries and keeps them.
   spit(d + "/new", "y");
   EXPECT_EQ(err(::unlink((d + "/new").c_str())), EPERM);
@@ -465,8 +468,16 @@ TEST_F(Posix, AnAppendOnlyFileOnlyGrows) {
 TEST_F(Posix, ChattrFlagsRoundTripAndUnknownOnesAreRefused) {
   const std::string f = p("f");
   spit(f, "x");
+  struct stat before {
+  }, after{};
+  ASSERT_EQ(::stat(f.c_str(), &before), 0);
+  std::this_thread::sleep_for(std::chrono::milliseconds(20));
   const unsigned all = FS_SYNC_FL | FS_NOATIME_FL | FS_NODUMP_FL | FS_DAX_FL;
   ASSERT_EQ(set_flags(f, all), 0);
+  ASSERT_EQ(::stat(f.c_str(), &after), 0);
+  EXPECT_TRUE(before.st_ctim.tv_sec != after.st_ctim.tv_sec ||
+              before.st_ctim.tv_nsec != after.st_ctim.tv_nsec)
+      << "the kernel still shows the ctime from before chattr";
   EXPECT_EQ(get_flags(f), all);
   EXPECT_EQ(set_flags(f, FS_COMPR_FL), EOPNOTSUPP);
   EXPECT_EQ(get_flags(f), all) << "a refused change changed nothing";
