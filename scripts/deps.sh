@@ -13,6 +13,7 @@ packages=(
   libcli11-dev nlohmann-json3-dev
   clang libclang-rt-14-dev clang-format
   xfsprogs attr acl
+  groff-base man-db bsdextrautils dpkg-dev file
 )
 if [[ ${1:-} == --bench ]]; then
   packages+=(fio fuse2fs e2fsprogs gnuplot-nox python3)
