@@ -58,7 +58,7 @@ export PKG_CONFIG_PATH=$libdir/pkgconfig
 "$cxx" -std=c++20 $flags "$src/examples/embed_volume.cc" $(pkg-config --cflags --libs vpmfs) \
   -o "$work/embed_volume_pc"
 # shellcheck disable=SC2046,SC2086
-"$cxx" -std=c++20 $flags "$src/examples/dax_map.cc" -static-libstdc++ \
+"$cxx" -std=c++20 $flags "$src/examples/dax_map.cc" \
   $(pkg-config --cflags vpmfs) "$libdir/libvpmfs.a" $(pkg-config --libs-only-l --static vpmfs | sed 's/-lvpmfs//') \
   -o "$work/dax_map_pc"
 
