@@ -59,7 +59,7 @@ export PKG_CONFIG_PATH=$libdir/pkgconfig
   -o "$work/embed_volume_pc"
 # shellcheck disable=SC2046,SC2086
 "$cxx" -std=c++20 $flags "$src/examples/dax_map.cc" \
-  $(pkg-config --cflags vpmfs) "$libdir/libvpmfs.a" $(pkg-config --libs-only-l --static vpmfs | sed 's/-lvpmfs//') \
+  $(pkg-config --cflags vpmfs) "$libdir/libvpmfs.a" $(pkg-config --libs --static vpmfs | sed 's/-lvpmfs//') \
   -o "$work/dax_map_pc"
 
 # The shared examples find libvpmfs.so.0 through their RUNPATH or LD_LIBRARY_PATH.
