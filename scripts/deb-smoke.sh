@@ -57,6 +57,11 @@ for page in vpmfs mkfs.vpmfs fsck.vpmfs vpmfs-ctl; do
 done
 pkg-config --modversion vpmfs | grep -qx 0.1.0
 ldconfig -p | grep -q 'libvpmfs.so.0 '
+step "an example built against the package with pkg-config"
+# shellcheck disable=SC2046
+c++ -std=c++20 /usr/share/doc/vpmfs/examples/embed_volume.cc $(pkg-config --cflags --libs vpmfs) \
+  -o "$work/embed_volume"
+"$work/embed_volume" "$work/embed.img" | grep -q "wrote and read back"
 
 # The systemd mount unit of docs/systemd (systemd is not PID 1 everywhere this runs, so the
 # unit is checked, not started; its man:vpmfs(8) reference needs the installed page).
