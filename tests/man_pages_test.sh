@@ -41,6 +41,8 @@ for page in "$man_dir"/*.8; do
   tool=$(basename "$page" .8)
   [[ -x "$bin_dir/$tool" ]] || continue
   checked=$((checked + 1))
+  before=$status
+  status=0
   warnings=$(groff -man -ww -z "$page" 2>&1)
   [[ -z "$warnings" ]] || fail "$page: groff warnings: $warnings"
   warnings=$(LC_ALL=C.UTF-8 MANWIDTH=80 man --warnings -l "$page" 2>&1 >/dev/null)
@@ -59,7 +61,8 @@ for page in "$man_dir"/*.8; do
     grep -qE -- "(^|[^A-Za-z0-9_-])${opt}([^A-Za-z0-9_-]|$)" <<<"$text" ||
       fail "$page: $tool's option $opt is missing"
   done
-  echo "$tool: $(wc -w <<<"$opts") options, all in $page"
+  ((status)) || echo "$tool: $(wc -w <<<"$opts") options, all in $page"
+  ((status |= before))
 done
 
 ((checked > 0)) || fail "no tool in $bin_dir has a page in $man_dir"
