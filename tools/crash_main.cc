@@ -426,8 +426,8 @@ int states(const StatesArgs& a, const std::string& workdir) {
         hi = mid;
       }
     }
-    std::printf("bisect: first failing crash point %zu (event %zu: %s)%s\n", hi, hi,
-                hi == 0 ? "none" : "recorded", lo_known ? "; the point before it passes" : "");
+    std::printf("bisect: first failing crash point %zu%s\n", hi,
+                lo_known ? " (the point before it passes)" : " (fails from the start)");
     std::printf("  replay: %s\n", replay_command(a, hi).c_str());
     bisect = {{"first_failing_point", hi}, {"previous_passes", lo_known}};
   }
