@@ -313,7 +313,7 @@ class StateRunner {
   StateResult run_state(std::size_t point) {
     if (point < replay_->cut()) replay_ = std::make_unique<vpmfs::CrashReplay>(trace_, a_.model);
     replay_->advance_to(point);
-    write_state(*replay_, a_.seed, image_);
+    write_state(*replay_, a_.seed, image_, trace_.baseline.size());
     write_acked(lines_, point, acked_);
     StateResult r;
     r.point = point;
@@ -331,10 +331,16 @@ class StateRunner {
     return r;
   }
 
-  static void write_state(const vpmfs::CrashReplay& replay, uint64_t seed,
-                          const std::string& path) {
-    std::vector<std::byte> img = replay.image(seed);
-    if (vpmfs::Status s = vpmfs::write_image_file(path, img); !s) die(s.message());
+  // Straight into the mapped file: no image-sized buffer on the way.
+  static void write_state(const vpmfs::CrashReplay& replay, uint64_t seed, const std::string& path,
+                          uint64_t size) {
+    int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    if (fd < 0 || ::ftruncate(fd, off_t(size)) != 0) die("cannot create " + path);
+    void* map = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    ::close(fd);
+    if (map == MAP_FAILED) die("cannot map " + path);
+    replay.image_into(seed, static_cast<std::byte*>(map));
+    ::munmap(map, size);
   }
 
   static void write_acked(const std::vector<Line>& lines, std::size_t point,
@@ -476,7 +482,7 @@ int replay(const ReplayArgs& a) {
   vpmfs::CrashReplay r(t, a.model);
   r.advance_to(a.point);
   std::string img = a.image.empty() ? "vpmfs-crash-" + std::to_string(a.point) + ".img" : a.image;
-  StateRunner::write_state(r, a.seed, img);
+  StateRunner::write_state(r, a.seed, img, t.baseline.size());
   StateRunner::write_acked(read_lines(a.trace), a.point, img + ".acked");
   std::printf("image %s (point %zu of %zu, model %s, seed %llu); acknowledged lines in %s\n",
               img.c_str(), r.cut(), t.events.size(), vpmfs::to_string(a.model),

@@ -41,6 +41,11 @@ for m in writeback kill; do
   "$CRASH" run --model $m --states 12 --check "$CHECK" -- sh "$EX/careful.sh" > "$W/out" 2>&1 \
     || { cat "$W/out"; fail "careful under $m"; }
 done
+# SQLite in WAL mode with synchronous=FULL keeps every committed row.
+if command -v sqlite3 > /dev/null; then
+  "$CRASH" run --states 10 --check "sh $EX/sqlite_check.sh" -- env ROWS=10 sh "$EX/sqlite.sh" \
+    > "$W/out" 2>&1 || { cat "$W/out"; fail "sqlite"; }
+fi
 # Usage errors.
 "$CRASH" run --check true > /dev/null 2>&1; [ $? = 2 ] || fail "missing workload: want exit 2"
 "$CRASH" run --model bogus --check true -- true > /dev/null 2>&1; [ $? = 2 ] || fail "bad model"
