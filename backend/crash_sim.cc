@@ -245,8 +245,9 @@ CrashRecorder::CrashRecorder(Region& region) : CrashRecorder(region, nullptr) {}
 CrashRecorder::CrashRecorder(Region& region, std::unique_ptr<Stream> stream)
     : region_(&region), stream_(std::move(stream)) {
   trace_.mode = region.mode();
-  trace_.baseline.assign(region.base(), region.base() + region.size());
-  shadow_ = trace_.baseline;
+  shadow_.assign(region.base(), region.base() + region.size());
+  // A streaming recorder's baseline is in its file already.
+  if (!stream_) trace_.baseline = shadow_;
   region.set_observer(this);
 }
 

@@ -8,6 +8,7 @@
 //   run:    record + states.
 //   replay: rebuild one state, leave it as an image and optionally mounted.
 #include <fcntl.h>
+#include <spawn.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/statfs.h>
@@ -52,25 +53,48 @@ std::string tool(const std::string& name) {
   std::exit(3);
 }
 
+// Starts argv with stdin from /dev/null and stdout and stderr on out_fd (or /dev/null), in
+// cwd, with env added to the environment. posix_spawn, not fork: this process holds the whole
+// trace, and copying its page tables for every fsck, mount and check cost more than the rest.
+pid_t spawn(const std::vector<std::string>& argv, int out_fd = -1, const std::string& cwd = "",
+            const std::vector<std::string>& env = {}) {
+  posix_spawn_file_actions_t fa;
+  posix_spawn_file_actions_init(&fa);
+  posix_spawn_file_actions_addopen(&fa, 0, "/dev/null", O_RDONLY, 0);
+  if (out_fd >= 0) {
+    posix_spawn_file_actions_adddup2(&fa, out_fd, 1);
+    posix_spawn_file_actions_adddup2(&fa, out_fd, 2);
+  } else {
+    posix_spawn_file_actions_addopen(&fa, 1, "/dev/null", O_WRONLY, 0);
+    posix_spawn_file_actions_adddup2(&fa, 1, 2);
+  }
+  if (!cwd.empty()) posix_spawn_file_actions_addchdir_np(&fa, cwd.c_str());
+  std::vector<char*> args;
+  for (const auto& a : argv) args.push_back(const_cast<char*>(a.c_str()));
+  args.push_back(nullptr);
+  std::vector<char*> envp;
+  for (char** e = environ; *e != nullptr; ++e) envp.push_back(*e);
+  for (const auto& e : env) envp.push_back(const_cast<char*>(e.c_str()));
+  envp.push_back(nullptr);
+  pid_t pid = -1;
+  int rc = posix_spawnp(&pid, args[0], &fa, nullptr, args.data(), envp.data());
+  posix_spawn_file_actions_destroy(&fa);
+  if (rc != 0) die("cannot run " + argv[0] + ": " + std::strerror(rc));
+  return pid;
+}
+
+int wait_exit(pid_t pid) {
+  int status = 0;
+  waitpid(pid, &status, 0);
+  return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+}
+
 // Runs argv; its stdout and stderr go to `out` (or /dev/null). Returns the exit code.
 int run(const std::vector<std::string>& argv, std::string* out = nullptr,
         const std::string& cwd = "", const std::vector<std::string>& env = {}) {
   int fds[2] = {-1, -1};
   if (out != nullptr && pipe2(fds, O_CLOEXEC) != 0) die("pipe failed");
-  pid_t pid = fork();
-  if (pid == 0) {
-    int null = ::open("/dev/null", O_RDWR);
-    ::dup2(null, 0);
-    ::dup2(out != nullptr ? fds[1] : null, 1);
-    ::dup2(out != nullptr ? fds[1] : null, 2);
-    if (!cwd.empty() && ::chdir(cwd.c_str()) != 0) _exit(126);
-    for (const auto& e : env) ::putenv(const_cast<char*>(e.c_str()));
-    std::vector<char*> args;
-    for (const auto& a : argv) args.push_back(const_cast<char*>(a.c_str()));
-    args.push_back(nullptr);
-    execvp(args[0], args.data());
-    _exit(127);
-  }
+  pid_t pid = spawn(argv, fds[1], cwd, env);
   if (out != nullptr) {
     ::close(fds[1]);
     char buf[4096];
@@ -78,9 +102,7 @@ int run(const std::vector<std::string>& argv, std::string* out = nullptr,
     while ((n = ::read(fds[0], buf, sizeof buf)) > 0) out->append(buf, std::size_t(n));
     ::close(fds[0]);
   }
-  int status = 0;
-  waitpid(pid, &status, 0);
-  return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+  return wait_exit(pid);
 }
 
 bool is_fuse_mounted(const std::string& dir) {
@@ -90,16 +112,7 @@ bool is_fuse_mounted(const std::string& dir) {
 
 // The daemon in the foreground on image/dir; returns its pid once the mount is up.
 pid_t mount_image(const std::string& image, const std::string& dir, const std::string& opts) {
-  pid_t pid = fork();
-  if (pid == 0) {
-    int null = ::open("/dev/null", O_RDWR);
-    ::dup2(null, 0);
-    ::dup2(null, 1);
-    ::dup2(null, 2);
-    std::string bin = tool("vpmfs");
-    execlp(bin.c_str(), bin.c_str(), image.c_str(), dir.c_str(), "-f", "-o", opts.c_str(), nullptr);
-    _exit(127);
-  }
+  pid_t pid = spawn({tool("vpmfs"), image, dir, "-f", "-o", opts});
   for (int i = 0; i < 6000; ++i) {
     if (is_fuse_mounted(dir)) return pid;
     int status;
@@ -303,8 +316,18 @@ class StateRunner {
     acked_ = workdir_ + "/acked";
     ::mkdir(mnt_.c_str(), 0755);
     replay_ = std::make_unique<vpmfs::CrashReplay>(trace_, a_.model);
+    // One mapping of the state image for every state: each is written over the last one
+    // without a page fault (the daemon's changes reach the same pages).
+    int fd = ::open(image_.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    uint64_t size = trace_.baseline.size();
+    if (fd < 0 || ::ftruncate(fd, off_t(size)) != 0) die("cannot create " + image_);
+    void* map = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    ::close(fd);
+    if (map == MAP_FAILED) die("cannot map " + image_);
+    map_ = static_cast<std::byte*>(map);
   }
   ~StateRunner() {
+    ::munmap(map_, trace_.baseline.size());
     ::unlink(image_.c_str());
     ::unlink(acked_.c_str());
     ::rmdir(mnt_.c_str());
@@ -313,7 +336,7 @@ class StateRunner {
   StateResult run_state(std::size_t point) {
     if (point < replay_->cut()) replay_ = std::make_unique<vpmfs::CrashReplay>(trace_, a_.model);
     replay_->advance_to(point);
-    write_state(*replay_, a_.seed, image_, trace_.baseline.size());
+    replay_->image_into(a_.seed, map_);
     write_acked(lines_, point, acked_);
     StateResult r;
     r.point = point;
@@ -334,7 +357,9 @@ class StateRunner {
   // Straight into the mapped file: no image-sized buffer on the way.
   static void write_state(const vpmfs::CrashReplay& replay, uint64_t seed, const std::string& path,
                           uint64_t size) {
-    int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    // No O_TRUNC: the previous state's pages are overwritten in place, not freed and faulted in
+    // again.
+    int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
     if (fd < 0 || ::ftruncate(fd, off_t(size)) != 0) die("cannot create " + path);
     void* map = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
     ::close(fd);
@@ -365,6 +390,7 @@ class StateRunner {
   std::vector<Line> lines_;
   std::string workdir_, image_, mnt_, acked_;
   std::unique_ptr<vpmfs::CrashReplay> replay_;
+  std::byte* map_ = nullptr;
 };
 
 std::string replay_command(const StatesArgs& a, std::size_t point) {

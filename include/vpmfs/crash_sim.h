@@ -83,7 +83,7 @@ class CrashRecorder final : public RegionObserver {
   // Snapshots the region's current content as the crash baseline and attaches.
   explicit CrashRecorder(Region& region);
   // The same, streaming the trace to a file (created or truncated) instead of keeping it in
-  // memory; crash_image() and prefix_image() of such a recorder know nothing.
+  // memory; crash_image() and prefix_image() of such a recorder return empty images.
   static Result<std::unique_ptr<CrashRecorder>> record_to_file(Region& region,
                                                                const std::string& path);
   ~CrashRecorder() override;
@@ -99,7 +99,7 @@ class CrashRecorder final : public RegionObserver {
   // A crash point is an event count: cut = n means "crash after the first n events".
   std::size_t events() const;
   const Event& event(std::size_t i) const { return trace_.events[i]; }
-  uint64_t region_size() const { return trace_.baseline.size(); }
+  uint64_t region_size() const { return shadow_.size(); }
   const CrashTrace& trace() const { return trace_; }
 
   std::vector<std::byte> crash_image(CrashModel model, std::size_t cut, uint64_t seed) const;
@@ -125,7 +125,7 @@ class CrashRecorder final : public RegionObserver {
 
   Region* region_;
   mutable std::mutex mu_;
-  CrashTrace trace_;               // streaming: the baseline only
+  CrashTrace trace_;               // streaming: empty (all of it is in the file)
   std::vector<std::byte> shadow_;  // the region as the log describes it
   std::unique_ptr<Stream> stream_;
   std::size_t count_ = 0;
