@@ -393,13 +393,13 @@ class StateRunner {
   std::byte* map_ = nullptr;
 };
 
+// Runnable as printed: rebuilds the state into ./vpmfs-crash-P.img and leaves it mounted on
+// ./vpmfs-crash-P.mnt.
 std::string replay_command(const StatesArgs& a, std::size_t point) {
-  char buf[PATH_MAX];
-  std::string self = g_bin_dir + "/vpmfs-crash";
-  (void)buf;
-  return self + " replay " + a.trace + " --model " + vpmfs::to_string(a.model) + " --seed " +
-         std::to_string(a.seed) + " --point " + std::to_string(point) + " --image vpmfs-crash-" +
-         std::to_string(point) + ".img --mount DIR";
+  std::string name = "vpmfs-crash-" + std::to_string(point);
+  return g_bin_dir + "/vpmfs-crash replay " + a.trace + " --model " + vpmfs::to_string(a.model) +
+         " --seed " + std::to_string(a.seed) + " --point " + std::to_string(point) + " --image " +
+         name + ".img --mount " + name + ".mnt";
 }
 
 void progress(std::size_t done, std::size_t total, std::size_t failed) {
@@ -516,6 +516,7 @@ int replay(const ReplayArgs& a) {
   if (a.mount.empty()) return 0;
   std::string opts = mount_mode_options(a.model);
   if (a.model != CrashModel::kill) opts += std::string(",boot_id=") + kOtherBoot;
+  ::mkdir(a.mount.c_str(), 0755);
   pid_t daemon = mount_image(img, a.mount, opts);
   if (a.check.empty()) {
     std::printf("mounted on %s (daemon %d); unmount with: fusermount3 -u %s\n", a.mount.c_str(),

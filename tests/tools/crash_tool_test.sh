@@ -8,7 +8,7 @@ BIN=$1
 EX=$(cd "$2" && pwd)/examples/crash
 CRASH=$BIN/vpmfs-crash
 W=$(mktemp -d /dev/shm/vpmfs-crash-test.XXXXXX)
-trap 'fusermount3 -u -z "$W/m" 2>/dev/null; rm -rf "$W"' EXIT
+trap 'for m in "$W"/m "$W"/*.mnt; do fusermount3 -u -z "$m" 2>/dev/null; done; sleep 0.2; rm -rf "$W"' EXIT
 fail() { echo "FAIL: $*"; exit 1; }
 CHECK="sh $EX/check.sh"
 
@@ -24,11 +24,17 @@ grep -q '^bisect: first failing crash point' "$W/out" || fail "no bisect line"
 python3 -c "import json,sys; j=json.load(open('$W/r.json')); assert j['failed']>0 and len(j['states'])==12 and 'bisect' in j" \
   || fail "json"
 # The printed replay reproduces the failure.
-line=$(grep -m1 'replay: ' "$W/out" | sed 's/^ *replay: //; s/ --image [^ ]*//; s/ --mount DIR//')
+line=$(grep -m1 'replay: ' "$W/out" | sed 's/^ *replay: //; s/ --image [^ ]*//; s/ --mount [^ ]*//')
 mkdir "$W/m"
 $line --image "$W/rep.img" --mount "$W/m" --check "$CHECK" > "$W/rep.out" 2>&1
 rc=$?
 [ $rc = 1 ] || { cat "$W/rep.out"; fail "replay did not reproduce the failure (exit $rc)"; }
+# The printed command as is leaves the state mounted in the working directory.
+full=$(grep -m1 'replay: ' "$W/out" | sed 's/^ *replay: //')
+(cd "$W" && $full > /dev/null) || fail "printed replay command"
+mnt=$(ls -d "$W"/vpmfs-crash-*.mnt)
+grep -q " $mnt fuse.vpmfs " /proc/mounts || fail "printed replay did not leave $mnt mounted"
+fusermount3 -u "$mnt" || fail "unmount $mnt"
 # Determinism: the same state twice, bit for bit.
 $line --image "$W/a.img" > /dev/null || fail "replay a"
 $line --image "$W/b.img" > /dev/null || fail "replay b"
