@@ -47,6 +47,11 @@ for m in writeback kill; do
   "$CRASH" run --model $m --states 12 --check "$CHECK" -- sh "$EX/careful.sh" > "$W/out" 2>&1 \
     || { cat "$W/out"; fail "careful under $m"; }
 done
+# Under direct (recorded with sync_dax=direct): the same verdicts as under writeback.
+"$CRASH" run --model direct --states 10 --check "$CHECK" -- sh "$EX/careful.sh" > "$W/out" 2>&1 \
+  || { cat "$W/out"; fail "careful under direct"; }
+"$CRASH" run --model direct --states 10 --check "$CHECK" -- sh "$EX/careless.sh" > "$W/out" 2>&1
+[ $? = 1 ] || { cat "$W/out"; fail "careless under direct not caught"; }
 # SQLite in WAL mode with synchronous=FULL keeps every committed row.
 if command -v sqlite3 > /dev/null; then
   "$CRASH" run --states 10 --check "sh $EX/sqlite_check.sh" -- env ROWS=10 sh "$EX/sqlite.sh" \
