@@ -133,10 +133,15 @@ void unmount(const std::string& dir, pid_t daemon) {
   waitpid(daemon, &status, 0);
 }
 
+std::string g_workdir;
+
 std::string make_workdir() {
   const char* base = ::access("/dev/shm", W_OK) == 0 ? "/dev/shm" : "/tmp";
   std::string t = std::string(base) + "/vpmfs-crash.XXXXXX";
   if (::mkdtemp(t.data()) == nullptr) die("cannot make a work directory in " + std::string(base));
+  // An early exit (a usage error found late, a failed mount) leaves no empty directory behind.
+  g_workdir = t;
+  std::atexit([] { ::rmdir(g_workdir.c_str()); });
   return t;
 }
 

@@ -50,7 +50,8 @@ done
 # Under direct (recorded with sync_dax=direct): the same verdicts as under writeback.
 "$CRASH" run --model direct --states 10 --check "$CHECK" -- sh "$EX/careful.sh" > "$W/out" 2>&1 \
   || { cat "$W/out"; fail "careful under direct"; }
-"$CRASH" run --model direct --states 10 --check "$CHECK" -- sh "$EX/careless.sh" > "$W/out" 2>&1
+"$CRASH" run --model direct --states 10 --trace "$W/direct.trace" --check "$CHECK" \
+  -- sh "$EX/careless.sh" > "$W/out" 2>&1
 [ $? = 1 ] || { cat "$W/out"; fail "careless under direct not caught"; }
 # SQLite in WAL mode with synchronous=FULL keeps every committed row.
 if command -v sqlite3 > /dev/null; then
