@@ -233,6 +233,7 @@ Status VolumeImpl::load(const std::string& image, const MountOptions& o) {
   if (!region) return region.status();
   region_ = std::move(region.value());
   Region& r = *region_;
+  if (o.on_region) o.on_region(r);
   if (r.size() < kImageHeaderSize)
     return Status(EINVAL, image + " is not a vpmfs image (too small)");
   ImageHeader h;

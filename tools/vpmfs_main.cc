@@ -24,6 +24,7 @@
 
 #include "fuse/fuse_fs.h"
 #include "fuse/mount_options.h"
+#include "vpmfs/crash_sim.h"
 
 namespace {
 
@@ -48,6 +49,10 @@ constexpr const char* kOptionsHelp = R"(Mount options (-o, comma separated):
                       acknowledged before vpmfs has them, so a killed daemon can lose
                       acknowledged writes (fsync still makes them durable)
   test_faults         testing only: SIGUSR1 makes every later device flush fail with EIO
+  record=PATH         write a crash trace of every store and flush of this mount to PATH
+                      (vpmfs-crash(8) reads it)
+  boot_id=HEX         the boot this mount runs in (default: the kernel's); another boot than
+                      the one a killed daemon ran in ignores its kill log, as after a power cut
 The generic options mount(8) passes (rw, dev, suid, exec, atime family, _netdev, nofail,
 x-*, ...) are accepted; the kernel applies the VFS ones itself.)";
 
@@ -182,7 +187,20 @@ int main(int argc, char** argv) {
   options.volume.on_error = [](const std::string& why) { vpmfs::log_message(LOG_CRIT, why); };
   // Just unmounted, the previous daemon may still be making its final commit.
   options.volume.lock_wait_ms = 5000;
+  std::unique_ptr<vpmfs::CrashRecorder> recorder;
+  vpmfs::Status record_status = vpmfs::Status::ok();
+  if (!options.record.empty()) {
+    options.volume.on_region = [&](vpmfs::Region& r) {
+      auto rec = vpmfs::CrashRecorder::record_to_file(r, options.record);
+      if (rec) {
+        recorder = std::move(rec.value());
+      } else {
+        record_status = rec.status();
+      }
+    };
+  }
   auto volume = vpmfs::Volume::mount(options.image, options.volume);
+  if (!record_status) launcher.fail("cannot record: " + record_status.message());
   if (!volume) launcher.fail("cannot mount " + options.image + ": " + volume.status().message());
   vpmfs::Volume& v = **volume;
   vpmfs::Region& region = v.region();
@@ -220,6 +238,12 @@ int main(int argc, char** argv) {
   });
   if (!s) launcher.fail(s.message());
   vpmfs::Status last = ro ? vpmfs::Status::ok() : v.sync_wait();
+  if (recorder) {
+    if (vpmfs::Status rs = recorder->finish(); !rs) {
+      vpmfs::log_message(LOG_ERR, "crash trace " + options.record + ": " + rs.to_string());
+      last = rs;
+    }
+  }
   volume->reset();
   if (!last) {
     vpmfs::log_message(LOG_ERR,

@@ -1,6 +1,8 @@
 #include "mount_options.h"
 
+#include <array>
 #include <charconv>
+#include <optional>
 
 namespace vpmfs {
 
@@ -34,11 +36,11 @@ bool is_vfs_flag(std::string_view name) {
 
 // Options mount(8) and mount.fuse3 hand every filesystem, accepted and otherwise left alone.
 constexpr std::string_view kGeneric[] = {
-    "rw",       "defaults",   "auto",    "noauto",   "user",        "nouser",   "users",
-    "_netdev",  "nofail",     "dev",     "nodev",    "suid",        "nosuid",   "exec",
-    "noexec",   "atime",      "noatime", "relatime", "strictatime", "diratime", "nodiratime",
-    "lazytime", "nolazytime", "async",   "silent",   "loud",        "owner",    "group",
-    "sync",     "dirsync",
+    "rw",          "defaults", "auto",       "noauto",   "user",       "nouser",
+    "users",       "_netdev",  "nofail",     "dev",      "nodev",      "suid",
+    "nosuid",      "exec",     "noexec",     "atime",    "noatime",    "relatime",
+    "strictatime", "diratime", "nodiratime", "lazytime", "nolazytime", "async",
+    "silent",      "loud",     "owner",      "group",    "sync",       "dirsync",
 };
 
 bool is_generic(std::string_view name) {
@@ -71,6 +73,24 @@ Result<unsigned> parse_uint(std::string_view option, std::string_view value, uns
                "expects a whole number from " + std::to_string(lo) + " to " + std::to_string(hi));
   }
   return v;
+}
+
+// A boot id as /proc/sys/kernel/random/boot_id shows it: 32 hex digits, dashes anywhere.
+std::optional<std::array<uint8_t, 16>> parse_boot_id(std::string_view text) {
+  std::array<uint8_t, 16> id{};
+  int n = 0;
+  for (char c : text) {
+    if (c == '-') continue;
+    int v = (c >= '0' && c <= '9')   ? c - '0'
+            : (c >= 'a' && c <= 'f') ? c - 'a' + 10
+            : (c >= 'A' && c <= 'F') ? c - 'A' + 10
+                                     : -1;
+    if (v < 0 || n == 32) return std::nullopt;
+    id[n / 2] = uint8_t(id[n / 2] << 4 | v);
+    ++n;
+  }
+  if (n != 32) return std::nullopt;
+  return id;
 }
 
 }  // namespace
@@ -135,6 +155,13 @@ Status apply_mount_options(std::string_view list, DaemonOptions& o) {
     } else if (name == "test_faults") {
       if (Status s = flag(); !s) return s;
       o.test_faults = true;
+    } else if (name == "record") {
+      if (value.empty()) return bad(item, "expects the path of the trace file to write");
+      o.record = value;
+    } else if (name == "boot_id") {
+      auto id = parse_boot_id(value);
+      if (!id) return bad(item, "expects 32 hex digits, as /proc/sys/kernel/random/boot_id");
+      o.volume.boot_id = id;
     } else if (name == "fsname") {
       if (value.empty()) return bad(item, "expects a name");
       o.fsname = value;

@@ -35,6 +35,9 @@ struct DaemonOptions {
   // Testing only: SIGUSR1 makes every later device flush fail with EIO, as a failing host
   // would, so the error path can be exercised on a real mount.
   bool test_faults = false;
+  // Record every store, write-back, fence and device flush of the mount into this crash trace
+  // file (docs/FORMAT.md, "Crash trace"), for vpmfs-crash.
+  std::string record;
   // mount -o remount,...: change the flags of the mount on mountpoint (ro/rw) and exit.
   bool remount = false;
   std::vector<std::string> passed;  // generic options accepted and left to the kernel or ignored

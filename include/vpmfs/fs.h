@@ -69,6 +69,9 @@ struct MountOptions {
   // 4096 blocks of 4 KiB: 16 MiB, the larger part of the daemon's memory with a million
   // files; a block dropped is read again from the mapped image, a copy of 4 KiB.
   uint64_t cache_blocks = 4096;
+  // Called with the region as soon as it is mapped, before the volume reads or writes it: where
+  // a crash recorder attaches to see every store of the mount (the daemon's -o record=PATH).
+  std::function<void(Region&)> on_region;
 };
 
 struct Attr {

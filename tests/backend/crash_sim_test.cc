@@ -263,3 +263,61 @@ TEST(CrashSim, WritesImageFiles) {
 
 }  // namespace
 }  // namespace vpmfs
+
+namespace vpmfs {
+namespace {
+
+// A trace streamed to a file and loaded back gives every crash image the in-memory recording
+// gives, bit for bit, in every model: the model checks above carry over to the daemon's traces.
+TEST(CrashTraceFile, LoadedTraceReplaysLikeTheRecording) {
+  for (PersistMode mode : {PersistMode::direct, PersistMode::writeback}) {
+    TempPath a("tf-a.img"), b("tf-b.img"), trace("tf.trace");
+    auto ra = open_region(a, mode);
+    auto rb = open_region(b, mode);
+    CrashRecorder mem(*ra);
+    auto file = CrashRecorder::record_to_file(*rb, trace);
+    ASSERT_TRUE(file) << file.status().to_string();
+    for (Region* r : {ra.get(), rb.get()}) {
+      for (uint64_t i = 0; i < 64; ++i) {
+        std::string bytes = test::random_bytes(std::to_string(i), 100 + i * 37);
+        r->write((i * 4099) % ((1 << 20) - 8192), bytes.data(), bytes.size());
+        if (i % 5 == 0) r->store64(i * 64, i);
+        if (i % 7 == 0) r->persist(0, 1 << 20);
+        if (i % 11 == 0) {
+          ASSERT_TRUE(r->flush_channel().wait());
+        }
+      }
+    }
+    mem.detach();
+    ASSERT_TRUE((*file)->finish());
+    auto loaded = load_crash_trace(trace);
+    ASSERT_TRUE(loaded) << loaded.status().to_string();
+    ASSERT_EQ(loaded->events.size(), mem.events());
+    EXPECT_EQ(loaded->mode, mode);
+    std::vector<CrashModel> models = {
+        CrashModel::kill, mode == PersistMode::direct ? CrashModel::direct : CrashModel::writeback};
+    for (CrashModel model : models) {
+      CrashReplay from_file(*loaded, model);
+      for (std::size_t cut = 0; cut <= mem.events(); cut += 13) {
+        from_file.advance_to(cut);
+        for (uint64_t seed = 0; seed < 4; ++seed) {
+          ASSERT_EQ(from_file.image(seed), mem.crash_image(model, cut, seed))
+              << to_string(model) << " cut " << cut << " seed " << seed;
+        }
+      }
+    }
+  }
+}
+
+TEST(CrashTraceFile, RefusesWhatIsNotATrace) {
+  TempPath p("tf-bad.trace");
+  std::string junk(8192, 'x');
+  ASSERT_TRUE(write_image_file(
+      p, std::vector<std::byte>(reinterpret_cast<const std::byte*>(junk.data()),
+                                reinterpret_cast<const std::byte*>(junk.data()) + 8192)));
+  EXPECT_FALSE(load_crash_trace(p));
+  EXPECT_FALSE(load_crash_trace("/nonexistent/trace"));
+}
+
+}  // namespace
+}  // namespace vpmfs

@@ -114,3 +114,25 @@ TEST(MountOptions, ClearErrors) {
 
 }  // namespace
 }  // namespace vpmfs
+
+namespace vpmfs {
+namespace {
+
+// vpmfs-crash's options: a trace to record into, and the boot a crash state is mounted in.
+TEST(MountOptions, RecordAndBootId) {
+  DaemonOptions o;
+  ASSERT_TRUE(
+      apply_mount_options("record=/tmp/t.trace,boot_id=0123456789abcdef-0123456789ABCDEF", o));
+  EXPECT_EQ(o.record, "/tmp/t.trace");
+  ASSERT_TRUE(o.volume.boot_id.has_value());
+  EXPECT_EQ((*o.volume.boot_id)[0], 0x01);
+  EXPECT_EQ((*o.volume.boot_id)[15], 0xef);
+  EXPECT_FALSE(apply_mount_options("record=", o));
+  EXPECT_FALSE(apply_mount_options("boot_id=123", o));
+  EXPECT_FALSE(apply_mount_options("boot_id=0123456789abcdef0123456789abcdefff", o));
+  EXPECT_FALSE(apply_mount_options("boot_id=0123456789abcdef0123456789abcdeg", o));
+  EXPECT_EQ(fuse_mount_options(o).find("record"), std::string::npos);
+}
+
+}  // namespace
+}  // namespace vpmfs
