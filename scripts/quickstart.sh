@@ -13,9 +13,9 @@ size=${VPMFS_SIZE:-4G}
 bash scripts/deps.sh
 cmake -S . -B build/release -G Ninja -DCMAKE_BUILD_TYPE=Release >/dev/null
 cmake --build build/release -j "$(nproc)"
-# /usr/local/bin/vpmfs is what mount.fuse3 runs; mkfs.vpmfs and fsck.vpmfs go to /usr/local/sbin,
-# where mkfs(8) and fsck(8) find them (and which a non-root PATH may lack: the build's copy is
-# used below). for "mount -t fuse.vpmfs" and /etc/fstab.
+# /usr/local/bin/vpmfs is what mount.fuse3 runs for "mount -t fuse.vpmfs" and /etc/fstab;
+# mkfs.vpmfs and fsck.vpmfs go to /usr/local/sbin, where mkfs(8) and fsck(8) find them (a
+# non-root PATH may lack that directory, so the build's own mkfs.vpmfs formats below).
 sudo_cmd=()
 if [[ $(id -u) -ne 0 ]]; then sudo_cmd=(sudo); fi
 "${sudo_cmd[@]}" cmake --install build/release >/dev/null
