@@ -48,10 +48,11 @@ wait_unlocked() {  # the daemon lets the image go just after umount returns
 step "dpkg -i"
 "${sudo_cmd[@]}" dpkg -i "$deb" >/dev/null
 installed=1
-for f in /usr/sbin/mkfs.vpmfs /usr/sbin/fsck.vpmfs /usr/bin/vpmfs /usr/bin/vpmfs-ctl; do
+for f in /usr/sbin/mkfs.vpmfs /usr/sbin/fsck.vpmfs /usr/bin/vpmfs /usr/bin/vpmfs-ctl \
+  /usr/bin/vpmfs-crash; do
   [[ -x $f ]] || { echo "missing $f" >&2; exit 1; }
 done
-for page in vpmfs mkfs.vpmfs fsck.vpmfs vpmfs-ctl; do
+for page in vpmfs mkfs.vpmfs fsck.vpmfs vpmfs-ctl vpmfs-crash; do
   man -w "$page" | grep -q "^/usr/share/man/man8/$page.8" || { echo "man -w $page" >&2; exit 1; }
   man "$page" 2>/dev/null | grep -q . || { echo "man $page shows nothing" >&2; exit 1; }
 done
@@ -95,6 +96,17 @@ if (echo x >"$mnt/c") 2>/dev/null; then echo "remount,ro did not take" >&2; exit
 "${sudo_cmd[@]}" umount "$mnt"
 wait_unlocked "$img"
 "${sudo_cmd[@]}" mount -T "$work/fstab" "$mnt"
+[[ $(cat "$mnt/b") == "through fstab" ]]
+"${sudo_cmd[@]}" umount "$mnt"
+wait_unlocked "$img"
+
+# What systemd runs for the unit's [Mount] section: mount What Where -t Type -o Options (with
+# this run's image and mount point in place of /srv/vpmfs.img and /mnt/pm).
+unit=/usr/share/doc/vpmfs/examples/mnt-pm.mount
+unit_value() { sed -n "s/^$1=//p" "$unit"; }
+step "the unit's mount: -t $(unit_value Type) -o $(unit_value Options)"
+"${sudo_cmd[@]}" mount "$img" "$mnt" -t "$(unit_value Type)" -o "$(unit_value Options)"
+vpmfs-ctl status "$mnt" | grep -q writeback
 [[ $(cat "$mnt/b") == "through fstab" ]]
 "${sudo_cmd[@]}" umount "$mnt"
 wait_unlocked "$img"
