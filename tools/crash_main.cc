@@ -639,6 +639,7 @@ int main(int argc, char** argv) {
     }
   }
   if (::rmdir(workdir.c_str()) != 0 && rc != 0) {
+    std::fflush(stdout);  // after the summary, also when both go to one pipe
     std::fprintf(stderr, "vpmfs-crash: trace kept in %s\n", workdir.c_str());
   }
   return rc;
