@@ -17,6 +17,7 @@
 
 #include <CLI/CLI.hpp>
 #include <algorithm>
+#include <cerrno>
 #include <chrono>
 #include <climits>
 #include <cstdio>
@@ -138,7 +139,8 @@ std::string g_workdir;
 std::string make_workdir() {
   const char* base = ::access("/dev/shm", W_OK) == 0 ? "/dev/shm" : "/tmp";
   std::string t = std::string(base) + "/vpmfs-crash.XXXXXX";
-  if (::mkdtemp(t.data()) == nullptr) die("cannot make a work directory in " + std::string(base));
+  if (::mkdtemp(t.data()) == nullptr)
+    die("cannot make a work directory in " + std::string(base) + ": " + std::strerror(errno));
   // An early exit (a usage error found late, a failed mount) leaves no empty directory behind.
   g_workdir = t;
   std::atexit([] { ::rmdir(g_workdir.c_str()); });
@@ -176,11 +178,11 @@ int record(const RecordArgs& a, const std::string& workdir) {
   ::mkdir(mnt.c_str(), 0755);
   pid_t daemon = mount_image(img, mnt, mount_mode_options(a.model) + ",record=" + a.trace);
   int tfd = ::open(a.trace.c_str(), O_RDONLY | O_CLOEXEC);
-  if (tfd < 0) die("cannot open the trace " + a.trace);
+  if (tfd < 0) die("cannot open the trace " + a.trace + ": " + std::strerror(errno));
   auto* header = static_cast<vpmfs::CrashTraceHeader*>(
       ::mmap(nullptr, vpmfs::kCrashTraceHeaderSize, PROT_READ, MAP_SHARED, tfd, 0));
   ::close(tfd);
-  if (header == MAP_FAILED) die("cannot map the trace " + a.trace);
+  if (header == MAP_FAILED) die("cannot map the trace " + a.trace + ": " + std::strerror(errno));
 
   int fds[2];
   if (pipe2(fds, O_CLOEXEC) != 0) die("pipe failed");
@@ -325,10 +327,11 @@ class StateRunner {
     // without a page fault (the daemon's changes reach the same pages).
     int fd = ::open(image_.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
     uint64_t size = trace_.baseline.size();
-    if (fd < 0 || ::ftruncate(fd, off_t(size)) != 0) die("cannot create " + image_);
+    if (fd < 0 || ::ftruncate(fd, off_t(size)) != 0)
+      die("cannot create " + image_ + ": " + std::strerror(errno));
     void* map = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
     ::close(fd);
-    if (map == MAP_FAILED) die("cannot map " + image_);
+    if (map == MAP_FAILED) die("cannot map " + image_ + ": " + std::strerror(errno));
     map_ = static_cast<std::byte*>(map);
   }
   ~StateRunner() {
@@ -365,10 +368,11 @@ class StateRunner {
     // No O_TRUNC: the previous state's pages are overwritten in place, not freed and faulted in
     // again.
     int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
-    if (fd < 0 || ::ftruncate(fd, off_t(size)) != 0) die("cannot create " + path);
+    if (fd < 0 || ::ftruncate(fd, off_t(size)) != 0)
+      die("cannot create " + path + ": " + std::strerror(errno));
     void* map = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
     ::close(fd);
-    if (map == MAP_FAILED) die("cannot map " + path);
+    if (map == MAP_FAILED) die("cannot map " + path + ": " + std::strerror(errno));
     replay.image_into(seed, static_cast<std::byte*>(map));
     ::munmap(map, size);
   }
@@ -530,9 +534,11 @@ int replay(const ReplayArgs& a) {
   }
   std::string out;
   char acked[PATH_MAX];
-  if (::realpath((img + ".acked").c_str(), acked) == nullptr) die("cannot resolve " + img);
+  if (::realpath((img + ".acked").c_str(), acked) == nullptr)
+    die("cannot resolve " + img + ": " + std::strerror(errno));
   char mnt[PATH_MAX];
-  if (::realpath(a.mount.c_str(), mnt) == nullptr) die("cannot resolve " + a.mount);
+  if (::realpath(a.mount.c_str(), mnt) == nullptr)
+    die("cannot resolve " + a.mount + ": " + std::strerror(errno));
   int rc = run({"sh", "-c", a.check}, &out, mnt,
                {std::string("VPMFS_MNT=") + mnt, std::string("VPMFS_ACKED=") + acked});
   unmount(a.mount, daemon);

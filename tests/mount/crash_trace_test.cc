@@ -37,7 +37,10 @@ CrashTrace record_workload(const std::string& name, const std::string& mode_opti
   CrashTrace trace;
   {
     test::Mount m(name, {mode_options, "record=" + trace_path}, "32M");
-    if (!m.mounted()) return trace;
+    if (!m.mounted()) {
+      ::unlink(trace_path.c_str());
+      return trace;
+    }
     for (int i = 0; i < 12; ++i) {
       std::string bytes = test::random_bytes("trace" + std::to_string(i), 3000 + i * 5000);
       int fd = ::open(m.path("f" + std::to_string(i % 5)).c_str(), O_CREAT | O_WRONLY, 0644);

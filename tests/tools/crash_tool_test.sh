@@ -55,8 +55,16 @@ done
 [ $? = 1 ] || { cat "$W/out"; fail "careless under direct not caught"; }
 # SQLite in WAL mode with synchronous=FULL keeps every committed row.
 if command -v sqlite3 > /dev/null; then
-  "$CRASH" run --states 10 --check "sh $EX/sqlite_check.sh" -- env ROWS=10 sh "$EX/sqlite.sh" \
-    > "$W/out" 2>&1 || { cat "$W/out"; fail "sqlite"; }
+  # Exit 3 is "could not run" (a mount or a file that could not be made), not a verdict: one
+  # such failure was seen once under a loaded CI run; it is shown and the run tried again.
+  for try in 1 2; do
+    "$CRASH" run --states 10 --check "sh $EX/sqlite_check.sh" -- env ROWS=10 sh "$EX/sqlite.sh" \
+      > "$W/out" 2>&1
+    rc=$?
+    [ $rc = 3 ] && [ $try = 1 ] && { cat "$W/out"; continue; }
+    [ $rc = 0 ] || { cat "$W/out"; fail "sqlite (exit $rc)"; }
+    break
+  done
 fi
 # Usage errors.
 "$CRASH" run --check true > /dev/null 2>&1; [ $? = 2 ] || fail "missing workload: want exit 2"
