@@ -181,6 +181,7 @@ void FlushChannel::finish_flush(std::unique_lock<std::mutex>& lock, bool gather)
     stats_.flush_ns += elapsed;
   } else if (error == 0) {
     ++stats_.clean_batches;
+    stats_.requests_clean += served;
   }
   std::vector<Callback> batch;
   batch.swap(in_flight_);

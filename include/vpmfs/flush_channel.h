@@ -39,6 +39,7 @@ class FlushChannel {
     uint64_t device_flushes = 0;    // fdatasync requests sent to the device
     uint64_t requests_flushed = 0;  // requests served by those device flushes
     uint64_t clean_batches = 0;     // batches served without a device flush (nothing dirty)
+    uint64_t requests_clean = 0;    // requests those batches answered
     uint64_t failed_flushes = 0;
     uint64_t max_batch = 0;
     uint64_t flush_ns = 0;     // time spent in device flushes

@@ -164,10 +164,9 @@ TEST(FlushChannel, SixteenBlockingWaitersEachServedByALaterFlush) {
   auto stats = region->flush_channel().stats();
   EXPECT_EQ(stats.requests, uint64_t(kThreads * kRequests));
   // A request can ride a batch that needs no device flush: its data was dirtied before a flush
-  // in flight began, so that flush covers it (early == 0 above shows it waited for it). Such a
-  // batch holds at most one request per thread; every other request rode a device flush.
-  EXPECT_GE(stats.requests_flushed + stats.clean_batches * kThreads, stats.requests);
-  EXPECT_GE(stats.requests_flushed, stats.requests / 2) << "most requests rode a device flush";
+  // in flight began, so that flush covers it (early == 0 above shows it waited for it).
+  EXPECT_EQ(stats.requests_flushed + stats.requests_clean, stats.requests)
+      << "every request rode a device flush or a batch with nothing left to flush";
   EXPECT_LT(stats.device_flushes, stats.requests) << "no group commit at all";
   EXPECT_GT(stats.max_batch, 1u);
 }
