@@ -160,6 +160,16 @@ void FlushChannel::finish_flush(std::unique_lock<std::mutex>& lock, bool gather)
   int error = in_flight_error_;
   uint64_t elapsed = now_ns() - flush_started_ns_;
   bool observed = device || error > 0;
+  RegionObserver* observer = region_->observer();
+  if (observer != nullptr && observed) {
+    // Still flushing_ meanwhile: no new batch may start, and none may be answered, before the
+    // observer (the crash simulator's clock) has seen this flush end. A batch with nothing left
+    // to flush would otherwise tell its callers durable while the trace shows the flush that
+    // covers them still in flight.
+    lock.unlock();
+    observer->device_flush_end(error == 0);
+    lock.lock();
+  }
   size_t served = in_flight_.size() + in_flight_waiters_;
   size_t waiters = in_flight_waiters_;
   uint64_t number = started_;
@@ -190,12 +200,6 @@ void FlushChannel::finish_flush(std::unique_lock<std::mutex>& lock, bool gather)
   // requests wait: starting a flush for the first of them would split the group in two.
   gathering_ = gather && served > 1;
   gather_target_ = served;
-  lock.unlock();
-
-  RegionObserver* observer = region_->observer();
-  if (observer != nullptr && observed) observer->device_flush_end(error == 0);
-  // Only now is the batch finished: no waiter may go on before the observer saw the flush end.
-  lock.lock();
   finished_ = number;
   lock.unlock();
   if (waiters > 0) done_cv_.notify_all();

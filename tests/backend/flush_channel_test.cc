@@ -1,6 +1,7 @@
 #include "vpmfs/flush_channel.h"
 
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstring>
 #include <deque>
@@ -49,7 +50,12 @@ class FlushClock : public RegionObserver {
     }
   }
   void device_flush_end(bool) override {
-    std::lock_guard lock(mu);
+    std::unique_lock lock(mu);
+    if (hold_end) {
+      ending = true;
+      cv.notify_all();
+      cv.wait(lock, [this] { return !hold_end; });
+    }
     completed = in_flight.front();
     in_flight.pop_front();
   }
@@ -73,6 +79,8 @@ class FlushClock : public RegionObserver {
   uint64_t completed = 0;
   bool hold = false;
   bool holding = false;
+  bool hold_end = false;  // device_flush_end waits, with `ending` set, until this is cleared
+  bool ending = false;
 };
 
 TEST(FlushChannel, SixteenSubmittersEachServedOnceByALaterFlush) {
@@ -207,6 +215,54 @@ TEST(FlushChannel, RequestsQueuedDuringAFlushShareTheNextOne) {
   EXPECT_EQ(stats.device_flushes, 2u);
   EXPECT_EQ(stats.max_batch, 10u);
   EXPECT_DOUBLE_EQ(stats.requests_per_flush(), 5.5);
+}
+
+// The crash simulator dates a flush's completion by the observer's device_flush_end. Once the
+// device flush has returned but before the observer has seen it end, a new request with nothing
+// left to flush must not be answered: its caller would be told durable at a point where the
+// trace still shows the flush that covers it in flight.
+TEST(FlushChannel, NoRequestIsAnsweredBeforeTheObserverSawItsFlushEnd) {
+  TempPath path("fcend.img");
+  auto region = open_writeback(path);
+  ASSERT_TRUE(region);
+  auto& channel = region->flush_channel();
+  FlushClock clock;
+  region->set_observer(&clock);
+  clock.hold_end = true;
+  uint64_t began_before = clock.dirty(*region, 0, 1);
+  std::promise<Status> first;
+  channel.submit([&first](const Status& s) { first.set_value(s); });
+  {
+    std::unique_lock lock(clock.mu);
+    clock.cv.wait(lock, [&] { return clock.ending; });
+  }
+  // The fdatasync of that flush has returned; nothing is dirty any more.
+  std::atomic<int> answered{0};
+  auto waiter = std::async(std::launch::async, [&] {
+    Status s = channel.wait();
+    answered.fetch_add(1);
+    return std::pair{s, clock.served_since(began_before)};
+  });
+  while (channel.stats().requests < 2) std::this_thread::yield();
+  std::promise<bool> submitted;
+  channel.submit([&](const Status& s) {
+    answered.fetch_add(1);
+    submitted.set_value(s && clock.served_since(began_before));
+  });
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  EXPECT_EQ(answered.load(), 0) << "answered while the flush that covers it had not ended";
+  {
+    std::lock_guard lock(clock.mu);
+    clock.hold_end = false;
+    clock.cv.notify_all();
+  }
+  EXPECT_TRUE(first.get_future().get());
+  auto [status, served] = waiter.get();
+  EXPECT_TRUE(status) << status.to_string();
+  EXPECT_TRUE(served);
+  EXPECT_TRUE(submitted.get_future().get());
+  channel.shutdown();
+  region->set_observer(nullptr);
 }
 
 TEST(FlushChannel, FailedFlushFailsEveryWaiterAndLatches) {
