@@ -33,6 +33,8 @@ class Fd {
   int fd_;
 };
 
+constexpr std::byte kZeros[4096] = {};
+
 std::string filesystem_name(int fd) {
   struct statfs sf {};
   if (::fstatfs(fd, &sf) != 0) return "unknown filesystem";
@@ -200,6 +202,8 @@ Result<std::unique_ptr<Region>> Region::open(const std::string& path,
       break;
   }
   region->mode_ = mode;
+  region->store_by_write_ = mode == PersistMode::writeback && !region->devdax_ &&
+                            !options.read_only && region->backend_name_ != "tmpfs";
   auto channel = FlushChannel::create(region.get());
   if (!channel) return channel.status();
   region->channel_ = std::move(channel.value());
@@ -216,12 +220,28 @@ void Region::set_observer(RegionObserver* observer) {
   observer_ = observer;
 }
 
+bool Region::write_file(uint64_t off, const void* src, std::size_t len) {
+  const auto* p = static_cast<const std::byte*>(src);
+  while (len > 0) {
+    ssize_t n = ::pwrite(fd_, p, len, static_cast<off_t>(off));
+    if (n < 0 && errno == EINTR) continue;
+    // Out of space for a hole of a sparse image, say: the store through the mapping is what
+    // happened before, and reports the same way.
+    if (n <= 0) return false;
+    p += n;
+    off += static_cast<uint64_t>(n);
+    len -= static_cast<std::size_t>(n);
+  }
+  return true;
+}
+
 void Region::write_nt(uint64_t off, const void* src, std::size_t len) {
   if (observer_ != nullptr) [[unlikely]] {
     observer_->store(base_, off, src, len);
     if (mode_ == PersistMode::direct) observer_->flush(off, len);
     return;
   }
+  if (store_by_write_ && write_file(off, src, len)) return;
   if (mode_ == PersistMode::direct && !eadr_) {
     pmem::copy_nt(base_ + off, src, len);
   } else {
@@ -231,7 +251,6 @@ void Region::write_nt(uint64_t off, const void* src, std::size_t len) {
 
 void Region::zero(uint64_t off, std::size_t len) {
   if (observer_ != nullptr) [[unlikely]] {
-    static constexpr std::byte kZeros[4096] = {};
     while (len > 0) {
       std::size_t n = std::min(len, sizeof kZeros);
       observer_->store(base_, off, kZeros, n);
@@ -239,6 +258,14 @@ void Region::zero(uint64_t off, std::size_t len) {
       len -= n;
     }
     return;
+  }
+  if (store_by_write_) {
+    while (len > 0) {
+      std::size_t n = std::min(len, sizeof kZeros);
+      if (!write_file(off, kZeros, n)) break;
+      off += n;
+      len -= n;
+    }
   }
   std::memset(base_ + off, 0, len);
 }

@@ -5,6 +5,7 @@
 
 #include <atomic>
 #include <cstdio>
+#include <cstdlib>
 #include <random>
 #include <string>
 
@@ -16,10 +17,17 @@
 
 namespace vpmfs::test {
 
+// Where test images go: $VPMFS_TEST_TMP if set (ctest runs some binaries a second time with
+// images on the root disk), else the directory the build chose.
+inline std::string test_tmp() {
+  const char* dir = std::getenv("VPMFS_TEST_TMP");
+  return dir != nullptr && *dir != '\0' ? dir : VPMFS_TEST_TMP;
+}
+
 // A unique image path, removed when the object goes away.
 class TempPath {
  public:
-  explicit TempPath(const std::string& name, const std::string& dir = VPMFS_TEST_TMP) {
+  explicit TempPath(const std::string& name, const std::string& dir = test_tmp()) {
     static std::atomic<int> counter{0};
     path_ = dir + "/vpmfs-test-" + std::to_string(::getpid()) + "-" +
             std::to_string(counter.fetch_add(1)) + "-" + name;

@@ -515,6 +515,11 @@ uint32_t Arena::take_lane() {
   avail_.pop_back();
   lanes_[li].state = LaneState::pending;  // owned by this writer; not yet in the overlay
   lanes_[li].lba = kNoLane;
+  // Half the lanes in use: commit them now, in the background, so that writers go on with the
+  // other half while the device flushes instead of all waiting for it when none is left.
+  bool low = avail_.size() == g_.nfree / 2;
+  lock.unlock();
+  if (low) btt_.commit_ahead();
   return li;
 }
 

@@ -401,6 +401,13 @@ bool Btt::retire_superseded() {
   return any;
 }
 
+void Btt::commit_ahead() {
+  std::unique_lock lock(commit_mu_);
+  if (committing_ || !waiting_.empty() || failed()) return;
+  waiting_.push_back([](const Status&) {});
+  start_commit(lock);
+}
+
 void Btt::start_commit(std::unique_lock<std::mutex>& lock) {
   committing_ = true;
   committed_.swap(waiting_);

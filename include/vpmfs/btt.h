@@ -6,8 +6,9 @@
 //  - writeback regions batch writes into epochs: data of many sectors, one flush, their flog
 //    entries, a second flush, then their map entries; until then reads see them through an
 //    in-memory overlay. With an intent log, sync() is one flush: each write's data and intent
-//    record are durable, and recovery takes the write back from them; an epoch commits when
-//    its lanes run out (or commit() is asked for). Without one, sync() commits.
+//    record are durable, and recovery takes the write back from them; an epoch commits in the
+//    background once half its lanes hold writes (or when commit() is asked for). Without one,
+//    sync() commits.
 #pragma once
 
 #include <sys/uio.h>
@@ -179,6 +180,8 @@ class Btt {
   void flush_intents(Callback done, bool in_this_thread);
   bool retire_superseded();
   void start_commit(std::unique_lock<std::mutex>& lock);
+  // An arena is running low on lanes: starts a commit unless one is in flight or asked for.
+  void commit_ahead();
   void commit_flog(const Status& flushed);
   void commit_flog_now();
   void commit_map(const Status& flushed);

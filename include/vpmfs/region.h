@@ -81,6 +81,9 @@ class Region {
   const std::string& mode_reason() const { return mode_reason_; }
   // Name of the filesystem holding the image ("ext4", "tmpfs", "devdax", ...).
   const std::string& backend_name() const { return backend_name_; }
+  // write(), write_nt() and zero() store with pwrite() into the image file rather than
+  // through the mapping (a writeback image on a filesystem that writes back its page cache).
+  bool stores_by_write() const { return store_by_write_; }
 
   std::byte* at(uint64_t off) const { return base_ + off; }
   bool contains(uint64_t off, uint64_t len) const { return off <= size_ && len <= size_ - off; }
@@ -92,6 +95,7 @@ class Region {
       observer_->store(base_, off, src, len);
       return;
     }
+    if (store_by_write_ && write_file(off, src, len)) return;
     __builtin_memcpy(base_ + off, src, len);
   }
   // An aligned 8-byte store: atomic in every crash model.
@@ -122,6 +126,10 @@ class Region {
   friend class FlushChannel;
   Region() = default;
 
+  // pwrite() of a store into the image's page cache instead of a store through the mapping;
+  // false if it failed (the caller then stores through the mapping).
+  bool write_file(uint64_t off, const void* src, std::size_t len);
+
   template <typename T>
   void store_atomic(uint64_t off, T value) {
     if (observer_ != nullptr) [[unlikely]] {
@@ -140,6 +148,11 @@ class Region {
   bool devdax_ = false;
   bool map_sync_ = false;
   bool eadr_ = false;
+  // Writeback image on a filesystem with page cache writeback (not tmpfs): each flush
+  // write-protects the mapped pages it cleans, so the next store through the mapping takes a
+  // fault (and the clean a TLB shootdown). Stores other than the aligned 4- and 8-byte ones go
+  // through pwrite() instead, which leaves the mapping's entries clean and read-only.
+  bool store_by_write_ = false;
   std::string mode_reason_;
   std::string backend_name_;
   // Set by persist() in writeback mode, taken by the flush channel when a device flush begins.

@@ -7,6 +7,7 @@
 
 #include <cstring>
 #include <fstream>
+#include <vector>
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
@@ -54,6 +55,51 @@ TEST(Region, DetectsWritebackOnDiskFilesystem) {
   ASSERT_TRUE(r) << r.status().to_string();
   EXPECT_EQ((*r)->mode(), PersistMode::writeback);
   EXPECT_THAT((*r)->mode_reason(), HasSubstr("MAP_SYNC not supported by"));
+}
+
+// On a disk filesystem the stores of a writeback image go through pwrite() (a flush there
+// write-protects the mapped pages it cleans); the mapping sees them at once, and so does the
+// file. tmpfs has no write-back, so stores stay in the mapping.
+TEST(Region, DiskImageStoresGoThroughTheFileAndTheMappingSeesThem) {
+  TempPath shm_path("stores.img", "/dev/shm");
+  auto shm = Region::open(shm_path, create());
+  ASSERT_TRUE(shm) << shm.status().to_string();
+  EXPECT_FALSE((*shm)->stores_by_write());
+
+  TempPath path("stores.img", "/var/tmp");
+  auto r = Region::open(path, create());
+  ASSERT_TRUE(r) << r.status().to_string();
+  Region& region = **r;
+  EXPECT_EQ(region.stores_by_write(), region.backend_name() != "tmpfs") << region.backend_name();
+  std::vector<char> block(8192);
+  for (std::size_t i = 0; i < block.size(); ++i) block[i] = char(i * 7 + 1);
+  region.write_nt(4096 - 100, block.data(), block.size());  // across three pages
+  region.write(20000, "plain write", 11);
+  region.store64(24576, 0x1122334455667788ull);
+  region.zero(4096, 64);
+  std::vector<char> want(block);
+  std::memset(want.data() + 100, 0, 64);
+  EXPECT_EQ(std::memcmp(region.at(4096 - 100), want.data(), want.size()), 0);
+  EXPECT_EQ(std::memcmp(region.at(20000), "plain write", 11), 0);
+  uint64_t word;
+  std::memcpy(&word, region.at(24576), 8);
+  EXPECT_EQ(word, 0x1122334455667788ull);
+  // The file, read through another descriptor, holds the same bytes.
+  int fd = ::open(path.str().c_str(), O_RDONLY);
+  ASSERT_GE(fd, 0);
+  std::vector<char> file(want.size());
+  ASSERT_EQ(::pread(fd, file.data(), file.size(), 4096 - 100), ssize_t(file.size()));
+  EXPECT_EQ(file, want);
+  ASSERT_EQ(::pread(fd, &word, 8, 24576), 8);
+  EXPECT_EQ(word, 0x1122334455667788ull);
+  ::close(fd);
+
+  r->reset();
+  RegionOptions ro;
+  ro.read_only = true;
+  auto reader = Region::open(path, ro);
+  ASSERT_TRUE(reader) << reader.status().to_string();
+  EXPECT_FALSE((*reader)->stores_by_write());
 }
 
 TEST(Region, RefusesDirectWithoutDaxAndNamesTheReason) {
