@@ -75,16 +75,28 @@ class Mount {
  public:
   explicit Mount(const std::string& name, const std::vector<std::string>& mount_opts = {},
                  const std::string& size = "64M") {
-    base_ = std::string("/dev/shm/vpmfs-mnt-") + std::to_string(getpid()) + "-" + name;
+    bool shm = images_on_pmem();
+    base_ = std::string(shm ? "/dev/shm" : std::getenv("VPMFS_TEST_TMP")) + "/vpmfs-mnt-" +
+            std::to_string(getpid()) + "-" + name;
     image_ = base_ + ".img";
     dir_ = base_ + ".dir";
     ::unlink(image_.c_str());
     ::mkdir(dir_.c_str(), 0755);
     std::string bin = VPMFS_BIN_DIR;
-    EXPECT_EQ(run({bin + "/mkfs.vpmfs", "--size", size, "--force-persistent", image_}), 0);
-    opts_ = "force_persistent";
+    std::vector<std::string> mkfs = {bin + "/mkfs.vpmfs", "--size", size, image_};
+    if (shm) mkfs.push_back("--force-persistent");
+    EXPECT_EQ(run(mkfs), 0);
+    opts_ = shm ? "force_persistent" : "rw";
     for (const auto& o : mount_opts) opts_ += "," + o;
     start();
+  }
+
+  // Images in /dev/shm, mounted as persistent memory (direct), unless $VPMFS_TEST_TMP names
+  // another directory: then the image mounts as that filesystem makes it (writeback on a
+  // disk), as a user's image there would.
+  static bool images_on_pmem() {
+    const char* tmp = std::getenv("VPMFS_TEST_TMP");
+    return tmp == nullptr || *tmp == '\0';
   }
 
   // Runs the daemon in the foreground on the image and waits until the mount is up.
