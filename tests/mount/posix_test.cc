@@ -899,5 +899,29 @@ TEST(PosixWritebackCache, FsyncedWritesSurviveAKilledDaemon) {
   EXPECT_EQ(m.unmount(), 0);
 }
 
+// With the kernel's write-back cache, write() takes data into the kernel even when the volume
+// has no room for it; the daemon's ENOSPC comes back when the kernel writes it back, through
+// fsync (and close), and the volume stays consistent.
+TEST(PosixWritebackCache, AFullVolumeIsReportedByFsync) {
+  Mount m("wbcfull", {"writeback_cache"}, "64M");
+  ASSERT_TRUE(m.mounted());
+  int fd = ::open(m.path("big").c_str(), O_WRONLY | O_CREAT, 0644);
+  ASSERT_GE(fd, 0);
+  std::string chunk(1 << 20, 'z');
+  for (int i = 0; i < 96; ++i) {
+    ASSERT_EQ(::write(fd, chunk.data(), chunk.size()), ssize_t(chunk.size()))
+        << "write " << i << ": " << std::strerror(errno);
+  }
+  EXPECT_EQ(::fsync(fd), -1);
+  EXPECT_EQ(errno, ENOSPC);
+  ::close(fd);
+  struct statvfs st {};
+  ASSERT_EQ(::statvfs(m.dir().c_str(), &st), 0);
+  EXPECT_LT(st.f_bavail * st.f_frsize, 1u << 20) << "the volume is full";
+  ASSERT_EQ(::unlink(m.path("big").c_str()), 0);
+  spit(m.path("after"), "room again");
+  EXPECT_EQ(m.unmount(), 0) << "fsck.vpmfs -n after the full volume";
+}
+
 }  // namespace
 }  // namespace vpmfs
