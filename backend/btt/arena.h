@@ -195,6 +195,7 @@ class Arena {
   std::condition_variable avail_cv_;
   std::vector<uint32_t> avail_;
   std::vector<uint32_t> published_;     // lanes whose update joined the open epoch
+  std::size_t held_through_ = 0;        // published_[0, this) were seen by hold_published
   std::vector<uint32_t> commit_lanes_;  // lanes in the commit in flight
   std::vector<uint32_t> superseded_;    // superseded lanes of the open epoch
   std::vector<uint32_t> retiring_;      // and of the commit in flight
