@@ -128,10 +128,12 @@ auto VolumeImpl::with_space(Op op) -> decltype(op()) {
 
 Result<Attr> VolumeImpl::make_node(uint64_t parent, std::string_view name, uint32_t mode,
                                    uint64_t rdev, uint32_t uid, uint32_t gid,
-                                   std::string_view target, uint32_t umask) {
-  return synchronous(
-      with_space([&] { return try_make_node(parent, name, mode, rdev, uid, gid, target, umask); }),
-      {parent});
+                                   std::string_view target, uint32_t umask, bool unnamed) {
+  return synchronous(with_space([&] {
+                       return try_make_node(parent, name, mode, rdev, uid, gid, target, umask,
+                                            unnamed);
+                     }),
+                     {parent});
 }
 
 Result<Attr> VolumeImpl::link(uint64_t ino, uint64_t parent, std::string_view name) {
@@ -181,17 +183,21 @@ Inode VolumeImpl::new_inode(uint64_t ino, uint32_t mode, uint32_t uid, uint32_t 
 
 Result<Attr> VolumeImpl::try_make_node(uint64_t parent, std::string_view name, uint32_t mode,
                                        uint64_t rdev, uint32_t uid, uint32_t gid,
-                                       std::string_view target, uint32_t umask) {
+                                       std::string_view target, uint32_t umask, bool unnamed) {
   KillPoint kill_point{this};
   VPMFS_WRITABLE();
-  if (Status s = name_ok(name); !s) return s;
+  if (!unnamed) {
+    if (Status s = name_ok(name); !s) return s;
+  }
   Lock lock(mu_);
   throttle(lock);
   auto dir = iget(parent);
   if (!dir) return dir.status();
   if (!S_ISDIR(dir->mode)) return Status(ENOTDIR, "not a directory");
   if (dir->nlink == 0) return Status(ENOENT, "directory was removed");
-  if (dir_find(parent, *dir, name, nullptr)) return Status(EEXIST, std::string(name) + " exists");
+  if (!unnamed && dir_find(parent, *dir, name, nullptr)) {
+    return Status(EEXIST, std::string(name) + " exists");
+  }
   if (immutable(*dir)) return Status(EPERM, "directory is immutable (chattr +i)");
   // A directory's default ACL stands in for the umask (POSIX.1e): the new node's access ACL is
   // the default masked with the mode asked for, and a new directory inherits the default too.
@@ -238,6 +244,15 @@ Result<Attr> VolumeImpl::try_make_node(uint64_t parent, std::string_view name, u
     ifree(*ino);
     return s;
   }
+  if (unnamed) {
+    // No name, so no change to the directory; on the orphan chain like a file unlinked while
+    // open, which is what it is until link names it.
+    inode.nlink = 0;
+    orphan_add(*ino, inode);
+    orphans_.insert(*ino);
+    iput(*ino, inode);
+    return to_attr(*ino, inode);
+  }
   if (Status s = dir_add(parent, *dir, name, *ino, IFTODT(mode)); !s) {
     truncate_blocks(inode, 0);
     xattr_free(*ino, inode);
@@ -256,6 +271,11 @@ Result<Attr> VolumeImpl::mknod(uint64_t parent, std::string_view name, uint32_t 
   if (S_ISDIR(mode) || S_ISLNK(mode)) return Status(EINVAL, "mknod cannot make this type");
   if ((mode & S_IFMT) == 0) mode |= S_IFREG;
   return make_node(parent, name, mode, rdev, uid, gid, {}, umask);
+}
+
+Result<Attr> VolumeImpl::tmpfile(uint64_t parent, uint32_t mode, uint32_t uid, uint32_t gid,
+                                 uint32_t umask) {
+  return make_node(parent, {}, S_IFREG | (mode & 07777), 0, uid, gid, {}, umask, /*unnamed=*/true);
 }
 
 Result<Attr> VolumeImpl::mkdir(uint64_t parent, std::string_view name, uint32_t mode, uint32_t uid,

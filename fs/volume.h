@@ -51,6 +51,8 @@ class VolumeImpl final : public Volume {
                      uint32_t uid, uint32_t gid, uint32_t umask = 0) override;
   Result<Attr> mkdir(uint64_t parent, std::string_view name, uint32_t mode, uint32_t uid,
                      uint32_t gid, uint32_t umask = 0) override;
+  Result<Attr> tmpfile(uint64_t parent, uint32_t mode, uint32_t uid, uint32_t gid,
+                       uint32_t umask = 0) override;
   Result<Attr> symlink(uint64_t parent, std::string_view name, std::string_view target,
                        uint32_t uid, uint32_t gid) override;
   Result<std::string> readlink(uint64_t ino) override;
@@ -217,8 +219,10 @@ class VolumeImpl final : public Volume {
   Result<Attr> try_setattr(uint64_t ino, const SetAttr& change);
   Status try_removexattr(uint64_t ino, std::string_view name);
   Status try_fallocate(uint64_t ino, int mode, uint64_t offset, uint64_t length);
+  // unnamed: a tmpfile (name is ignored).
   Result<Attr> try_make_node(uint64_t parent, std::string_view name, uint32_t mode, uint64_t rdev,
-                             uint32_t uid, uint32_t gid, std::string_view target, uint32_t umask);
+                             uint32_t uid, uint32_t gid, std::string_view target, uint32_t umask,
+                             bool unnamed = false);
   Result<Attr> try_link(uint64_t ino, uint64_t parent, std::string_view name);
   Status try_rename(uint64_t parent, std::string_view name, uint64_t new_parent,
                     std::string_view new_name, uint32_t flags, uint32_t uid, uint32_t gid);
@@ -226,7 +230,7 @@ class VolumeImpl final : public Volume {
                       int flags);
   Result<Attr> make_node(uint64_t parent, std::string_view name, uint32_t mode, uint64_t rdev,
                          uint32_t uid, uint32_t gid, std::string_view symlink_target,
-                         uint32_t umask);
+                         uint32_t umask, bool unnamed = false);
   Status drop_link(uint64_t ino, fsfmt::Inode& inode);
   // The last reference to an unlinked inode is gone: frees it and its blocks.
   void release_inode(uint64_t ino, Lock& lock);

@@ -4,6 +4,7 @@
 #include <fcntl.h>
 #include <fuse_lowlevel.h>
 #include <linux/fs.h>
+#include <linux/fuse.h>
 #include <sys/uio.h>
 #include <syslog.h>
 #include <unistd.h>
@@ -753,8 +754,67 @@ std::atomic<uint64_t> g_init_unique{0};    // the INIT request, once its reply m
 std::atomic<uint32_t> g_init_offered{0};   // its flags
 std::atomic<uint32_t> g_init_offered2{0};  // and flags2 (valid with FUSE_INIT_EXT)
 
-ssize_t fuse_dev_read(int fd, void* buf, size_t len, void*) {
+// FUSE_TMPFILE, open(O_TMPFILE) (kernel 6.1 on), which libfuse 3.14 would refuse with ENOSYS:
+// answered here, as CREATE is, with a new unnamed file and a handle on it. Returns false when
+// the request is not one.
+bool serve_tmpfile(int fd, Daemon& d, const std::byte* p, ssize_t n) {
+  fuse_in_header in;
+  fuse_create_in create;
+  if (n < ssize_t(sizeof in + sizeof create)) return false;
+  std::memcpy(&in, p, sizeof in);
+  if (in.opcode != FUSE_TMPFILE) return false;
+  std::memcpy(&create, p + sizeof in, sizeof create);
+  uint32_t umask = d.dont_mask ? create.umask : 0;
+  auto attr = d.volume.tmpfile(in.nodeid, create.mode, in.uid, in.gid, umask);
+  fuse_out_header out{};
+  out.unique = in.unique;
+  fuse_entry_out entry{};
+  fuse_open_out open{};
+  if (!attr) {
+    out.error = -attr.status().error();
+    out.len = sizeof out;
+    (void)::write(fd, &out, sizeof out);  // a failed reply only means the caller is gone
+    return true;
+  }
+  struct stat st = attr->to_stat(d.volume.block_size());
+  entry.nodeid = attr->ino;
+  entry.generation = attr->generation;
+  entry.entry_valid = entry.attr_valid = uint64_t(kTimeout);
+  entry.attr.ino = st.st_ino;
+  entry.attr.size = uint64_t(st.st_size);
+  entry.attr.blocks = uint64_t(st.st_blocks);
+  entry.attr.atime = uint64_t(st.st_atim.tv_sec);
+  entry.attr.mtime = uint64_t(st.st_mtim.tv_sec);
+  entry.attr.ctime = uint64_t(st.st_ctim.tv_sec);
+  entry.attr.atimensec = uint32_t(st.st_atim.tv_nsec);
+  entry.attr.mtimensec = uint32_t(st.st_mtim.tv_nsec);
+  entry.attr.ctimensec = uint32_t(st.st_ctim.tv_nsec);
+  entry.attr.mode = st.st_mode;
+  entry.attr.nlink = uint32_t(st.st_nlink);
+  entry.attr.uid = st.st_uid;
+  entry.attr.gid = st.st_gid;
+  entry.attr.blksize = uint32_t(st.st_blksize);
+  auto* file = new OpenFile();
+  open.fh = reinterpret_cast<uint64_t>(file);
+  if (is_dax(d, *attr)) open.open_flags |= FOPEN_DIRECT_IO;
+  out.len = sizeof out + sizeof entry + sizeof open;
+  iovec iov[3] = {{&out, sizeof out}, {&entry, sizeof entry}, {&open, sizeof open}};
+  // The kernel's lookup reference, as reply_entry gives it; taken back if the reply fails (the
+  // caller was interrupted), which frees the file.
+  d.volume.hold(attr->ino, 1);
+  if (::writev(fd, iov, 3) != ssize_t(out.len)) {
+    delete file;
+    d.volume.forget(attr->ino, 1);
+  }
+  return true;
+}
+
+ssize_t fuse_dev_read(int fd, void* buf, size_t len, void* userdata) {
   ssize_t n = ::read(fd, buf, len);
+  while (n > 0 && serve_tmpfile(fd, *static_cast<Daemon*>(userdata),
+                                static_cast<const std::byte*>(buf), n)) {
+    n = ::read(fd, buf, len);
+  }
   // fuse_in_header (len, opcode, unique, ...) then fuse_init_in (major, minor, max_readahead,
   // flags, flags2, ...).
   if (n >= 40 + 20) {

@@ -162,6 +162,12 @@ class Volume {
                              uint32_t uid, uint32_t gid, uint32_t umask = 0) = 0;
   virtual Result<Attr> mkdir(uint64_t parent, std::string_view name, uint32_t mode, uint32_t uid,
                              uint32_t gid, uint32_t umask = 0) = 0;
+  // An unnamed regular file (open(O_TMPFILE)) that takes parent's group, ACL and DAX flag as
+  // mknod's would: nlink 0 and on the orphan chain, so that the next mount frees it, until link
+  // gives it a name. Hold it (hold) before it is handed out: forget frees it like any unlinked
+  // file once its last reference goes.
+  virtual Result<Attr> tmpfile(uint64_t parent, uint32_t mode, uint32_t uid, uint32_t gid,
+                               uint32_t umask = 0) = 0;
   virtual Result<Attr> symlink(uint64_t parent, std::string_view name, std::string_view target,
                                uint32_t uid, uint32_t gid) = 0;
   virtual Result<std::string> readlink(uint64_t ino) = 0;

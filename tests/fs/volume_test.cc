@@ -411,6 +411,47 @@ TEST_P(VolumeTest, LinkingAnUnlinkedOpenFileKeepsIt) {
   EXPECT_EQ(read_all(v_->lookup(kRootIno, "linked")->ino), "kept");
 }
 
+TEST_P(VolumeTest, TmpfilesAreUnnamedOrphansUntilLinked) {
+  ASSERT_TRUE(v_->mkdir(kRootIno, "sg", 02775, 0, 7));  // setgid: new files take group 7
+  uint64_t dir = v_->lookup(kRootIno, "sg")->ino;
+  auto free_before = v_->statfs();
+  auto kept = v_->tmpfile(dir, 0666, 5, 5, 022);
+  ASSERT_TRUE(kept) << kept.status().to_string();
+  v_->hold(kept->ino, 1);
+  EXPECT_EQ(kept->nlink, 0u);
+  EXPECT_EQ(kept->mode, S_IFREG | 0644u) << "the umask applies";
+  EXPECT_EQ(kept->gid, 7u) << "the setgid directory's group";
+  EXPECT_EQ(list(dir), (std::set<std::string>{".", ".."}));
+  ASSERT_TRUE(v_->write(kept->ino, 0, "named later", 11));
+  auto dropped = v_->tmpfile(dir, 0600, 0, 0);
+  ASSERT_TRUE(dropped);
+  v_->hold(dropped->ino, 1);
+  std::vector<char> data(64 << 10, 'd');
+  ASSERT_TRUE(v_->write(dropped->ino, 0, data.data(), data.size()));
+  auto lost = v_->tmpfile(dir, 0600, 0, 0);  // held when the volume goes down
+  ASSERT_TRUE(lost);
+  v_->hold(lost->ino, 1);
+  ASSERT_TRUE(v_->write(lost->ino, 0, data.data(), data.size()));
+
+  ASSERT_TRUE(v_->link(kept->ino, dir, "named"));
+  v_->forget(kept->ino, 1);
+  v_->forget(dropped->ino, 1);
+  EXPECT_EQ(v_->getattr(dropped->ino).status().error(), ENOENT) << "freed with its last reference";
+  EXPECT_EQ(v_->tmpfile(kRootIno + 1000, 0600, 0, 0).status().error(), ENOENT);
+  EXPECT_EQ(v_->tmpfile(kept->ino, 0600, 0, 0).status().error(), ENOTDIR);
+  ASSERT_TRUE(v_->sync_wait());
+  mount();  // as after a crash with lost still open: the mount frees it
+  EXPECT_EQ(v_->getattr(lost->ino).status().error(), ENOENT);
+  EXPECT_EQ(list(dir), (std::set<std::string>{".", "..", "named"}));
+  EXPECT_EQ(read_all(v_->lookup(dir, "named")->ino), "named later");
+  auto free_after = v_->statfs();
+  EXPECT_EQ(free_after.f_ffree + 1, free_before.f_ffree);
+  // The named file's block and the directory's new entry block at most; the 16 blocks each of
+  // the other two came back.
+  EXPECT_GE(free_after.f_bfree + 2, free_before.f_bfree);
+  expect_fsck_clean();
+}
+
 TEST_P(VolumeTest, LargeFilesAreFreedInPieces) {
   // Freeing many blocks takes several transactions; the space all comes back, and the file on
   // the orphan chain meanwhile leaves it.

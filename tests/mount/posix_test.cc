@@ -141,6 +141,54 @@ TEST_F(Posix, UnlinkedOpenFileKeepsItsData) {
   ::close(fd);
 }
 
+// open(O_TMPFILE): an unnamed file, with the directory's rules (mode, umask, owner), that
+// linkat names; one never named gives its inode and blocks back when closed.
+TEST_F(Posix, TmpfileIsUnnamedUntilLinked) {
+  ASSERT_EQ(::mkdir(p("d").c_str(), 0755), 0);
+  struct statvfs before {};
+  ASSERT_EQ(::statvfs(p("d").c_str(), &before), 0);
+  int fd = ::open(p("d").c_str(), O_TMPFILE | O_RDWR, 0640);
+  ASSERT_GE(fd, 0) << strerror(errno);
+  std::string data(3 * 4096 + 5, 't');
+  ASSERT_EQ(::write(fd, data.data(), data.size()), ssize_t(data.size()));
+  struct stat st {};
+  ASSERT_EQ(::fstat(fd, &st), 0);
+  EXPECT_EQ(st.st_nlink, 0u);
+  EXPECT_TRUE(S_ISREG(st.st_mode));
+  EXPECT_EQ(st.st_mode & 0777, 0640u);
+  EXPECT_EQ(st.st_size, off_t(data.size()));
+  DIR* dir = ::opendir(p("d").c_str());
+  ASSERT_NE(dir, nullptr);
+  int names = 0;
+  while (dirent* e = ::readdir(dir))
+    names += std::strcmp(e->d_name, ".") && std::strcmp(e->d_name, "..");
+  ::closedir(dir);
+  EXPECT_EQ(names, 0) << "an O_TMPFILE file has no name";
+  ASSERT_EQ(::linkat(fd, "", AT_FDCWD, (p("d") + "/named").c_str(), AT_EMPTY_PATH), 0)
+      << strerror(errno);
+  ASSERT_EQ(::fstat(fd, &st), 0);
+  EXPECT_EQ(st.st_nlink, 1u);
+  ASSERT_EQ(::close(fd), 0);
+  EXPECT_EQ(slurp(p("d") + "/named"), data);
+
+  // O_EXCL: never to be linked (the kernel refuses); closed, its space and inode come back.
+  fd = ::open(p("d").c_str(), O_TMPFILE | O_WRONLY | O_EXCL, 0600);
+  ASSERT_GE(fd, 0) << strerror(errno);
+  std::string big(1 << 20, 'b');
+  ASSERT_EQ(::write(fd, big.data(), big.size()), ssize_t(big.size()));
+  EXPECT_EQ(err(::linkat(fd, "", AT_FDCWD, (p("d") + "/never").c_str(), AT_EMPTY_PATH)), ENOENT);
+  ASSERT_EQ(::close(fd), 0);
+  struct statvfs after {};
+  for (int i = 0; i < 200; ++i) {  // the kernel's FORGET comes on its own, a moment later
+    ASSERT_EQ(::statvfs(p("d").c_str(), &after), 0);
+    if (after.f_ffree + 1 == before.f_ffree) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  EXPECT_EQ(after.f_ffree + 1, before.f_ffree) << "only the named file keeps an inode";
+  EXPECT_GE(after.f_bavail + 8, before.f_bavail) << "the unnamed file's blocks came back";
+  EXPECT_EQ(err(::open(p("missing/x").c_str(), O_TMPFILE | O_RDWR, 0600)), ENOENT);
+}
+
 TEST_F(Posix, DirectoriesAndErrors) {
   ASSERT_EQ(::mkdir(p("dir").c_str(), 0750), 0);
   EXPECT_EQ(err(::mkdir(p("dir").c_str(), 0750)), EEXIST);
@@ -817,6 +865,33 @@ TEST(PosixLarge, TerabyteImageAndFile) {
 
 // xfstests generic/015: fill the volume, delete the file, and df shows the space again at
 // once, without a commit (commit=600 keeps the background one away); the space is usable too.
+// An O_TMPFILE file open when the daemon is killed is on the orphan chain: fsck calls that
+// what the next mount finishes, and the next mount frees it.
+TEST(PosixTmpfile, AKilledDaemonsUnnamedFileIsFreedByTheNextMount) {
+  Mount m("tmpfile");
+  struct statvfs empty {};
+  ASSERT_EQ(::statvfs(m.dir().c_str(), &empty), 0);
+  int fd = ::open(m.dir().c_str(), O_TMPFILE | O_RDWR, 0600);
+  ASSERT_GE(fd, 0) << strerror(errno);
+  std::string data(4 << 20, 'k');
+  ASSERT_EQ(::write(fd, data.data(), data.size()), ssize_t(data.size()));
+  ASSERT_EQ(::fsync(fd), 0);
+  struct statvfs used {};
+  ASSERT_EQ(::statvfs(m.dir().c_str(), &used), 0);
+  EXPECT_LT(used.f_bavail + 1000, empty.f_bavail);
+  m.kill_daemon();
+  ::close(fd);
+  auto [rc, out] = test::capture({std::string(VPMFS_BIN_DIR) + "/fsck.vpmfs", "-n", m.image()});
+  EXPECT_EQ(rc, 0) << out;
+  m.start();
+  ASSERT_TRUE(m.mounted());
+  struct statvfs again {};
+  ASSERT_EQ(::statvfs(m.dir().c_str(), &again), 0);
+  EXPECT_EQ(again.f_ffree, empty.f_ffree);
+  EXPECT_EQ(again.f_bavail, empty.f_bavail);
+  EXPECT_EQ(m.unmount(), 0);
+}
+
 TEST(PosixSpace, DeletedSpaceComesBackAtOnce) {
   Mount m("space", {"commit=600"});
   struct statvfs empty {};
