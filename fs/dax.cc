@@ -4,19 +4,15 @@
 #include <linux/falloc.h>
 #include <linux/fs.h>
 
-#include <future>
-
 #include "volume.h"
+#include "vpmfs/completion.h"
 
 namespace vpmfs {
 
 using namespace fsfmt;
 
 Status DaxMapping::sync_wait() {
-  std::promise<Status> done;
-  auto result = done.get_future();
-  sync([&done](const Status& s) { done.set_value(s); });
-  return result.get();
+  return wait_for_answer([this](auto done) { sync(std::move(done)); });
 }
 
 // Pins the blocks behind a file range and holds the inode; gives both back when destroyed.

@@ -7,9 +7,9 @@
 
 #include <algorithm>
 #include <cstring>
-#include <future>
 
 #include "vpmfs/checksum.h"
+#include "vpmfs/completion.h"
 
 namespace vpmfs {
 
@@ -661,32 +661,42 @@ void VolumeImpl::committer() {
 }
 
 void VolumeImpl::run_commit(std::unique_lock<std::mutex>& cl) {
-  committing_ = true;
-  std::vector<std::function<void(const Status&)>> waiters;
-  waiters.swap(waiters_);
-  commit_requested_ = false;
-  cl.unlock();
-  auto start = std::chrono::steady_clock::now();
-  Status s = read_only_ ? Status::ok() : commit();
-  auto took = std::chrono::steady_clock::now() - start;
-  for (auto& w : waiters) w(s);
-  cl.lock();
-  committing_ = false;
-  ++commits_done_;
-  syncs_answered_ += waiters.size();
-  committed_cv_.notify_all();
-  if (waiters.size() > 1) {
-    // As the flush channel does after a batch: wait for as many requests as this commit
-    // served, up to its own duration (on the root disk, a quarter of it split 8 fsyncing
-    // threads into commits of 4.6 on average; the whole of it gives 7.9).
-    gathering_ = true;
-    gather_target_ = waiters.size();
-    gather_until_ = std::chrono::steady_clock::now() +
-                    std::clamp<std::chrono::steady_clock::duration>(
-                        took, std::chrono::microseconds(20), std::chrono::milliseconds(2));
+  for (;;) {
+    committing_ = true;
+    std::vector<std::function<void(const Status&)>> waiters;
+    waiters.swap(waiters_);
+    commit_requested_ = false;
+    cl.unlock();
+    auto start = std::chrono::steady_clock::now();
+    Status s = read_only_ ? Status::ok() : commit();
+    auto took = std::chrono::steady_clock::now() - start;
+    for (auto& w : waiters) w(s);
+    cl.lock();
+    committing_ = false;
+    ++commits_done_;
+    syncs_answered_ += waiters.size();
+    committed_cv_.notify_all();
+    if (waiters.size() > 1 && took >= std::chrono::microseconds(100)) {
+      // As the flush channel does after a batch: wait for as many requests as this commit
+      // served, up to its own duration (on the root disk, a quarter of it split 8 fsyncing
+      // threads into commits of 4.6 on average; the whole of it gives 7.9).
+      gathering_ = true;
+      gather_target_ = waiters.size();
+      gather_until_ = std::chrono::steady_clock::now() +
+                      std::clamp<std::chrono::steady_clock::duration>(
+                          took, std::chrono::microseconds(20), std::chrono::milliseconds(2));
+    }
+    if (!commit_requested_ || stopping_) return;
+    // Requests that came during this commit. A whole group, or no group to wait for: this
+    // thread commits them at once (handing them to the committer thread costs two wake-ups,
+    // more than a commit of an image in memory takes). Part of a group: the committer thread
+    // waits for the rest.
+    if (gathering_ && waiters_.size() < gather_target_) {
+      commit_cv_.notify_all();
+      return;
+    }
+    gathering_ = false;
   }
-  // Requests that came during this commit are the committer thread's.
-  if (commit_requested_) commit_cv_.notify_all();
 }
 
 void VolumeImpl::sync(std::function<void(const Status&)> done) {
@@ -714,17 +724,11 @@ void VolumeImpl::fsync(uint64_t ino, bool datasync, std::function<void(const Sta
 }
 
 Status VolumeImpl::fsync(uint64_t ino, bool datasync) {
-  std::promise<Status> p;
-  auto f = p.get_future();
-  fsync(ino, datasync, [&p](const Status& s) { p.set_value(s); });
-  return f.get();
+  return wait_for_answer([&](auto done) { fsync(ino, datasync, std::move(done)); });
 }
 
 Status VolumeImpl::sync_wait() {
-  std::promise<Status> p;
-  auto f = p.get_future();
-  commit_or_join([&p](const Status& s) { p.set_value(s); });
-  return f.get();
+  return wait_for_answer([this](auto done) { commit_or_join(std::move(done)); });
 }
 
 void VolumeImpl::commit_or_join(std::function<void(const Status&)> done) {

@@ -3,10 +3,10 @@
 #include <sys/random.h>
 
 #include <cstring>
-#include <future>
 
 #include "btt/arena.h"
 #include "vpmfs/checksum.h"
+#include "vpmfs/completion.h"
 
 namespace vpmfs {
 
@@ -300,10 +300,7 @@ void Btt::sync_or_join(Callback done) {
 }
 
 Status Btt::sync_wait() {
-  std::promise<Status> done;
-  auto result = done.get_future();
-  sync_or_join([&done](const Status& s) { done.set_value(s); });
-  return result.get();
+  return wait_for_answer([this](auto done) { sync_or_join(std::move(done)); });
 }
 
 bool Btt::promise_by_intents() const {
@@ -389,10 +386,7 @@ void Btt::commit_or_join(Callback done) {
 }
 
 Status Btt::commit_wait() {
-  std::promise<Status> done;
-  auto result = done.get_future();
-  commit_or_join([&done](const Status& s) { done.set_value(s); });
-  return result.get();
+  return wait_for_answer([this](auto done) { commit_or_join(std::move(done)); });
 }
 
 bool Btt::retire_superseded() {
