@@ -270,6 +270,20 @@ void Region::zero(uint64_t off, std::size_t len) {
   std::memset(base_ + off, 0, len);
 }
 
+void Region::discard(uint64_t off, std::size_t len) {
+  // The crash simulator has no model of a hole; nor does it need one: a discarded range is one
+  // nothing reads again (Btt::discard: a sector whose map entry says zeros).
+  if (observer_ != nullptr) [[unlikely]]
+    return;
+  const uint64_t page = uint64_t(sysconf(_SC_PAGESIZE));
+  uint64_t first = (off + page - 1) / page * page;
+  uint64_t end = (off + len) / page * page;
+  if (devdax_ || read_only_ || first >= end) return;
+  // Not supported by the image's filesystem (EOPNOTSUPP): the space simply stays allocated.
+  (void)::fallocate(fd_, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, off_t(first),
+                    off_t(end - first));
+}
+
 void Region::flush(uint64_t off, std::size_t len) {
   if (mode_ != PersistMode::direct) return;
   if (observer_ != nullptr) [[unlikely]] {

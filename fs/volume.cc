@@ -840,6 +840,7 @@ Result<uint64_t> VolumeImpl::balloc() {
     uint64_t lba = block_hint_ + k;
     if (lba >= n) lba = sb_.data_start + (lba - n) % (n - sb_.data_start);
     if (block_used_[lba] || quarantine_.count(lba) != 0) continue;
+    if (lba >= discard_window_.first && lba < discard_window_.second) continue;
     block_used_[lba] = true;
     std::byte* bm = meta_mut(sb_.block_bitmap_start + lba / (uint64_t(bs_) * 8));
     uint64_t bit = lba % (uint64_t(bs_) * 8);
@@ -850,6 +851,65 @@ Result<uint64_t> VolumeImpl::balloc() {
     return lba;
   }
   return Status(ENOSPC, "no space left on the volume");
+}
+
+Result<uint64_t> VolumeImpl::discard_free(uint64_t start, uint64_t length, uint64_t min_length) {
+  if (read_only_) return Status(EROFS, "read-only volume");
+  const uint64_t volume_bytes = sb_.block_count * bs_;
+  if (start >= volume_bytes) return Status(EINVAL, "the range starts past the end of the volume");
+  if (length < bs_) return Status(EINVAL, "the range is shorter than a block");
+  const uint64_t end = length > volume_bytes - start ? sb_.block_count : (start + length) / bs_;
+  const uint64_t min_run = std::max<uint64_t>(1, ceil_div(min_length, bs_));
+  std::lock_guard one_at_a_time(discard_mu_);
+  // Blocks freed in the running transaction become free for good when it commits.
+  if (Status s = sync_wait(); !s) return s;
+  uint64_t discarded = 0;
+  uint64_t carried = 0;  // free blocks just before the window, in a run that reaches it
+  // A window at a time: under the volume lock its free blocks in long enough runs are listed and
+  // the window set aside (balloc passes it by); they are discarded without the lock (a discard
+  // may wait for a BTT commit), then the window is given back.
+  constexpr uint64_t kWindow = 4096;
+  for (uint64_t w = std::max(start / bs_, sb_.data_start); w < end; w += kWindow) {
+    const uint64_t w_end = std::min(end, w + kWindow);
+    std::vector<uint64_t> blocks;
+    {
+      Lock lock(mu_);
+      if (!failed_) return failed_;
+      auto is_free = [&](uint64_t lba) {
+        return lba < sb_.block_count && !block_used_[lba] && quarantine_.count(lba) == 0;
+      };
+      const uint64_t carried_in = carried;
+      carried = 0;
+      for (uint64_t lba = w; lba < w_end;) {
+        if (!is_free(lba)) {
+          ++lba;
+          continue;
+        }
+        uint64_t run_end = lba;
+        while (run_end < w_end && is_free(run_end)) ++run_end;
+        uint64_t total = (lba == w ? carried_in : 0) + (run_end - lba);
+        for (uint64_t next = run_end; run_end == w_end && total < min_run && is_free(next);
+             ++next) {
+          ++total;  // the run goes on into the next window
+        }
+        if (total >= min_run) {
+          for (uint64_t b = lba; b < run_end; ++b) blocks.push_back(b);
+        }
+        if (run_end == w_end) carried = (lba == w ? carried_in : 0) + (run_end - lba);
+        lba = run_end;
+      }
+      discard_window_ = {w, w_end};
+    }
+    Status s;
+    for (uint64_t lba : blocks) {
+      if (s) s = btt_->discard(lba);
+    }
+    Lock lock(mu_);
+    discard_window_ = {0, 0};
+    if (!s) return s;
+    discarded += blocks.size() * bs_;
+  }
+  return discarded;
 }
 
 void VolumeImpl::bfree(uint64_t lba) {

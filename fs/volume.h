@@ -150,6 +150,7 @@ class VolumeImpl final : public Volume {
   }
   // Blocks.
   Result<uint64_t> balloc();
+  Result<uint64_t> discard_free(uint64_t start, uint64_t length, uint64_t min_length) override;
   void bfree(uint64_t lba);
   // Block map: the LBA of a file block, 0 for a hole; with allocate, fills holes.
   Result<uint64_t> bmap(fsfmt::Inode& inode, uint64_t file_block, bool allocate, bool* fresh);
@@ -320,7 +321,10 @@ class VolumeImpl final : public Volume {
   uint64_t reserved_ = 0;
   uint64_t inode_hint_ = 0;
   std::unordered_set<uint64_t> quarantine_;  // freed in a transaction not yet committed
-  std::vector<uint64_t> freed_;              // freed since the last commit began
+  // Blocks being discarded (discard_free): balloc passes them by. One discard at a time.
+  std::pair<uint64_t, uint64_t> discard_window_{0, 0};
+  std::mutex discard_mu_;
+  std::vector<uint64_t> freed_;  // freed since the last commit began
   std::unordered_map<uint64_t, std::unique_ptr<Node>> nodes_;
   HeldCounts held_;  // front-end references (kernel lookups)
   // Files whose size or blocks changed in the running transaction, and in the one committing:

@@ -632,6 +632,19 @@ Status Arena::mark(uint32_t premap, uint32_t flag) {
   return Status::ok();
 }
 
+void Arena::discard(uint32_t premap) {
+  Stripe& s = stripe(premap);
+  std::lock_guard lock(s.mu);
+  if (s.pins.count(premap) != 0) return;
+  if (writeback_) {
+    std::lock_guard avail_lock(avail_mu_);
+    if (s.overlay.count(premap) != 0) return;  // written again, not committed yet
+  }
+  // The map's own block (no lane's free block): with Z set, no read and no recovery looks at it.
+  Lookup l = lookup_media(premap);
+  if (l.zero) region_.discard(data_off(l.block), g_.external_lbasize);
+}
+
 // --- pins ------------------------------------------------------------------------------------
 
 Status Arena::pin(uint32_t premap) {

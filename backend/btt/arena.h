@@ -80,6 +80,9 @@ class Arena {
   // kMapZero or kMapError. EAGAIN: an update of the sector that a sync promised, or one in the
   // commit in flight, must be committed first (Btt commits and asks again).
   Status mark(uint32_t premap, uint32_t flag);
+  // After a trim: the block the map points at no longer holds anything (Region::discard), unless
+  // the sector was written or pinned since.
+  void discard(uint32_t premap);
   Status pin(uint32_t premap);
   void unpin(uint32_t premap);
   Result<uint64_t> pinned_offset(uint32_t premap);

@@ -213,6 +213,14 @@ Status Btt::trim(uint64_t lba) {
   return mark(lba, kMapZero);
 }
 
+Status Btt::discard(uint64_t lba) {
+  if (Status s = trim(lba); !s) return s;
+  auto at = locate(lba);
+  if (!at) return at.status();
+  at->arena->discard(at->premap);
+  return Status::ok();
+}
+
 Status Btt::set_error(uint64_t lba) {
   return mark(lba, kMapError);
 }

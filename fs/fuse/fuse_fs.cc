@@ -660,6 +660,18 @@ void op_ioctl(fuse_req_t req, fuse_ino_t ino, unsigned int cmd, void*, fuse_file
       }
       return reply_ioctl_status(req, set_xflags(req, ino, xflags));
     }
+    case FITRIM: {
+      // fstrim(8): the free space goes back to the image file's filesystem. As on ext4 and xfs,
+      // for the administrator only (FUSE passes no capabilities: root stands for them).
+      if (fuse_req_ctx(req)->uid != 0) return reply_status(req, Status(EPERM, "root only"));
+      struct fstrim_range range {};
+      if (in_size < sizeof range) return reply_status(req, Status(EINVAL, "short fstrim_range"));
+      std::memcpy(&range, in_buf, sizeof range);
+      auto bytes = v.discard_free(range.start, range.len, range.minlen);
+      if (!bytes) return reply_status(req, bytes.status());
+      range.len = *bytes;
+      return reply_ioctl_value(req, &range, sizeof range, out_size);
+    }
     case VPMFS_IOC_DAX_MAP:
       return ioctl_dax_map(req, ino, fi, in_buf, in_size, out_size);
     case VPMFS_IOC_DAX_UNMAP:

@@ -120,6 +120,9 @@ class Btt {
   Status read(uint64_t lba, void* data);
   // Marks the sector as zero (the map's Z flag): no data is written.
   Status trim(uint64_t lba);
+  // trim, and the storage behind the sector goes back to the image file's filesystem where it
+  // can (a hole; Region::discard). For sectors whose contents nobody needs (free blocks).
+  Status discard(uint64_t lba);
   // Marks the sector bad (the map's E flag): reads fail with EIO until it is written again.
   Status set_error(uint64_t lba);
 

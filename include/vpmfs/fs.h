@@ -208,6 +208,12 @@ class Volume {
   // fallocate(2) modes 0, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE and
   // FALLOC_FL_ZERO_RANGE (with or without KEEP_SIZE); others give EOPNOTSUPP.
   virtual Status fallocate(uint64_t ino, int mode, uint64_t offset, uint64_t length) = 0;
+  // FITRIM: every free block in [start, start + length) bytes of the volume, in runs of at
+  // least min_length bytes, is trimmed and its storage handed back to the image file's
+  // filesystem (Btt::discard). Returns the bytes so discarded. EINVAL when start is past the
+  // end or length is shorter than a block. Blocks freed in the running transaction are left
+  // alone: a crash before its commit brings their old owner back.
+  virtual Result<uint64_t> discard_free(uint64_t start, uint64_t length, uint64_t min_length) = 0;
   // lseek(2) with SEEK_DATA or SEEK_HOLE: ENXIO at or past the end of the file.
   virtual Result<uint64_t> seek_data(uint64_t ino, uint64_t offset, int whence) = 0;
 

@@ -105,6 +105,10 @@ class Region {
   // next fence() without a write-back pass. Elsewhere the same as write().
   void write_nt(uint64_t off, const void* src, std::size_t len);
   void zero(uint64_t off, std::size_t len);
+  // Bytes whose contents no longer matter: the image file gets a hole there (its filesystem
+  // frees the space) where the range covers whole pages and the file can have holes; nothing
+  // happens elsewhere, nor under an observer (the crash simulator).
+  void discard(uint64_t off, std::size_t len);
 
   // Write back the cache lines of a range (direct mode; nothing elsewhere).
   void flush(uint64_t off, std::size_t len);

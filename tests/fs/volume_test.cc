@@ -452,6 +452,46 @@ TEST_P(VolumeTest, TmpfilesAreUnnamedOrphansUntilLinked) {
   expect_fsck_clean();
 }
 
+// FITRIM: free blocks are trimmed and their storage goes back to the image file's filesystem;
+// blocks of files are untouched.
+TEST_P(VolumeTest, DiscardFreeGivesFreeSpaceBackAndKeepsFiles) {
+  auto image_bytes = [&] {
+    struct stat st {};
+    EXPECT_EQ(::stat(path_.str().c_str(), &st), 0);
+    return uint64_t(st.st_blocks) * 512;
+  };
+  uint64_t kept = create(kRootIno, "kept");
+  std::string a(64 << 10, 'a');
+  ASSERT_TRUE(v_->write(kept, 0, a.data(), a.size()));
+  uint64_t gone = create(kRootIno, "gone");
+  std::string b(4 << 20, 'b');
+  ASSERT_TRUE(v_->write(gone, 0, b.data(), b.size()));
+  ASSERT_TRUE(v_->sync_wait());
+  const uint64_t full = image_bytes();
+  ASSERT_TRUE(v_->unlink(kRootIno, "gone"));
+  auto bytes = v_->discard_free(0, UINT64_MAX, 0);
+  ASSERT_TRUE(bytes) << bytes.status().to_string();
+  const uint64_t bs = v_->block_size();
+  auto fs = v_->statfs();
+  EXPECT_GE(*bytes, fs.f_bfree * bs - 64 * bs) << "about every free block";
+  EXPECT_LE(*bytes, fs.f_bfree * bs);
+  // What the BTT had committed of the deleted file is a hole now; the rest of it, at most a
+  // lane's worth per write still in the open epoch (writeback), stays until reused.
+  EXPECT_LT(image_bytes() + b.size() / 2, full) << "the image file gave space back";
+  EXPECT_EQ(read_all(kept), a);
+  EXPECT_EQ(*v_->discard_free(0, UINT64_MAX, UINT64_MAX / 2), 0u) << "no run that long";
+  EXPECT_EQ(v_->discard_free(UINT64_MAX, 1 << 20, 0).status().error(), EINVAL);
+  EXPECT_EQ(v_->discard_free(0, bs - 1, 0).status().error(), EINVAL);
+  EXPECT_EQ(v_->discard_free(0, 0, 0).status().error(), EINVAL);
+  // Files written after it read back what was written (the trimmed blocks are reused).
+  uint64_t again = create(kRootIno, "again");
+  std::string c(2 << 20, 'c');
+  ASSERT_TRUE(v_->write(again, 0, c.data(), c.size()));
+  expect_fsck_clean();
+  EXPECT_EQ(read_all(v_->lookup(kRootIno, "again")->ino), c);
+  EXPECT_EQ(read_all(v_->lookup(kRootIno, "kept")->ino), a);
+}
+
 TEST_P(VolumeTest, LargeFilesAreFreedInPieces) {
   // Freeing many blocks takes several transactions; the space all comes back, and the file on
   // the orphan chain meanwhile leaves it.

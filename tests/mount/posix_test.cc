@@ -4,6 +4,7 @@
 #include <grp.h>
 #include <linux/falloc.h>
 #include <linux/fs.h>
+#include <sys/ioctl.h>
 #include <sys/mount.h>
 #include <sys/stat.h>
 #include <sys/statvfs.h>
@@ -890,6 +891,41 @@ TEST(PosixTmpfile, AKilledDaemonsUnnamedFileIsFreedByTheNextMount) {
   EXPECT_EQ(again.f_ffree, empty.f_ffree);
   EXPECT_EQ(again.f_bavail, empty.f_bavail);
   EXPECT_EQ(m.unmount(), 0);
+}
+
+// fstrim(8) on the mount: the free space goes back to the image file's filesystem, files keep
+// their data, and bad ranges get EINVAL as on ext4.
+TEST(PosixTrim, FstrimGivesFreeSpaceBackToTheImageFile) {
+  Mount m("trim", {}, "128M");
+  auto image_bytes = [&] {
+    struct stat st {};
+    EXPECT_EQ(::stat(m.image().c_str(), &st), 0);
+    return uint64_t(st.st_blocks) * 512;
+  };
+  std::string keep(256 << 10, 'k');
+  spit(m.path("keep"), keep);
+  spit(m.path("gone"), std::string(32 << 20, 'g'));
+  ::sync();
+  const uint64_t full = image_bytes();
+  ASSERT_EQ(::unlink(m.path("gone").c_str()), 0);
+  int dir = ::open(m.dir().c_str(), O_RDONLY | O_DIRECTORY);
+  ASSERT_GE(dir, 0);
+  fstrim_range range{0, UINT64_MAX, 0};
+  // The blocks go when the kernel's FORGET of the inode arrives, a moment after the unlink.
+  for (int i = 0; i < 100 && image_bytes() + (16 << 20) > full; ++i) {
+    range = {0, UINT64_MAX, 0};
+    ASSERT_EQ(::ioctl(dir, FITRIM, &range), 0) << strerror(errno);
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  EXPECT_LT(image_bytes() + (16 << 20), full) << "the deleted file's space went back";
+  EXPECT_GE(range.len, uint64_t(32 << 20)) << "bytes trimmed, as fstrim -v reports";
+  EXPECT_EQ(slurp(m.path("keep")), keep);
+  range = {0, 0, 0};
+  EXPECT_EQ(err(::ioctl(dir, FITRIM, &range)), EINVAL) << "an empty range";
+  range = {UINT64_MAX - 4096, 1 << 20, 0};
+  EXPECT_EQ(err(::ioctl(dir, FITRIM, &range)), EINVAL) << "past the end";
+  ::close(dir);
+  EXPECT_EQ(m.unmount(), 0) << "fsck.vpmfs -n after fstrim";
 }
 
 TEST(PosixSpace, DeletedSpaceComesBackAtOnce) {
