@@ -772,9 +772,11 @@ std::atomic<uint32_t> g_init_offered2{0};  // and flags2 (valid with FUSE_INIT_E
 bool serve_tmpfile(int fd, Daemon& d, const std::byte* p, ssize_t n) {
   fuse_in_header in;
   fuse_create_in create;
+  uint32_t opcode;
   if (n < ssize_t(sizeof in + sizeof create)) return false;
+  std::memcpy(&opcode, p + offsetof(fuse_in_header, opcode), sizeof opcode);
+  if (opcode != FUSE_TMPFILE) return false;
   std::memcpy(&in, p, sizeof in);
-  if (in.opcode != FUSE_TMPFILE) return false;
   std::memcpy(&create, p + sizeof in, sizeof create);
   uint32_t umask = d.dont_mask ? create.umask : 0;
   auto attr = d.volume.tmpfile(in.nodeid, create.mode, in.uid, in.gid, umask);
