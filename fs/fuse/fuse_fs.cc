@@ -5,6 +5,8 @@
 #include <fuse_lowlevel.h>
 #include <linux/fs.h>
 #include <linux/fuse.h>
+#include <sys/stat.h>
+#include <sys/sysmacros.h>
 #include <sys/uio.h>
 #include <syslog.h>
 #include <unistd.h>
@@ -766,31 +768,60 @@ std::atomic<uint64_t> g_init_unique{0};    // the INIT request, once its reply m
 std::atomic<uint32_t> g_init_offered{0};   // its flags
 std::atomic<uint32_t> g_init_offered2{0};  // and flags2 (valid with FUSE_INIT_EXT)
 
-// FUSE_TMPFILE, open(O_TMPFILE) (kernel 6.1 on), which libfuse 3.14 would refuse with ENOSYS:
-// answered here, as CREATE is, with a new unnamed file and a handle on it. Returns false when
-// the request is not one.
-bool serve_tmpfile(int fd, Daemon& d, const std::byte* p, ssize_t n) {
-  fuse_in_header in;
+// Requests that libfuse 3.14 has no operation for and would refuse with ENOSYS, answered here
+// from the /dev/fuse read hook: FUSE_TMPFILE (open(O_TMPFILE), Linux 6.1 on) and FUSE_STATX
+// (statx(2) asking for more than the basic fields, Linux 6.6 on: the birth time).
+constexpr uint32_t kOpStatx = 52;  // FUSE_STATX; Debian 12's <linux/fuse.h> predates it
+struct StatxTime {
+  int64_t sec;
+  uint32_t nsec;
+  int32_t reserved;
+};
+struct StatxIn {  // fuse_statx_in
+  uint32_t getattr_flags, reserved;
+  uint64_t fh;
+  uint32_t sx_flags, sx_mask;
+};
+struct StatxOut {  // fuse_statx_out, its struct fuse_statx laid out as struct statx
+  uint64_t attr_valid;
+  uint32_t attr_valid_nsec, flags;
+  uint64_t spare[2];
+  uint32_t mask, blksize;
+  uint64_t attributes;
+  uint32_t nlink, uid, gid;
+  uint16_t mode, spare0;
+  uint64_t ino, size, blocks, attributes_mask;
+  StatxTime atime, btime, ctime, mtime;
+  uint32_t rdev_major, rdev_minor, dev_major, dev_minor;
+  uint64_t spare2[14];
+};
+static_assert(sizeof(StatxOut) == 32 + 256);
+
+// False if the reply did not reach the kernel: the caller was interrupted and is gone.
+bool reply_raw(int fd, uint64_t unique, int error, const iovec* body, int count) {
+  fuse_out_header out{};
+  out.unique = unique;
+  out.error = -error;
+  out.len = sizeof out;
+  iovec iov[4] = {{&out, sizeof out}};
+  for (int i = 0; i < count; ++i) {
+    iov[i + 1] = body[i];
+    out.len += uint32_t(body[i].iov_len);
+  }
+  return ::writev(fd, iov, count + 1) == ssize_t(out.len);
+}
+
+void serve_tmpfile(int fd, Daemon& d, const fuse_in_header& in, const std::byte* arg) {
   fuse_create_in create;
-  uint32_t opcode;
-  if (n < ssize_t(sizeof in + sizeof create)) return false;
-  std::memcpy(&opcode, p + offsetof(fuse_in_header, opcode), sizeof opcode);
-  if (opcode != FUSE_TMPFILE) return false;
-  std::memcpy(&in, p, sizeof in);
-  std::memcpy(&create, p + sizeof in, sizeof create);
+  std::memcpy(&create, arg, sizeof create);
   uint32_t umask = d.dont_mask ? create.umask : 0;
   auto attr = d.volume.tmpfile(in.nodeid, create.mode, in.uid, in.gid, umask);
-  fuse_out_header out{};
-  out.unique = in.unique;
-  fuse_entry_out entry{};
-  fuse_open_out open{};
   if (!attr) {
-    out.error = -attr.status().error();
-    out.len = sizeof out;
-    (void)::write(fd, &out, sizeof out);  // a failed reply only means the caller is gone
-    return true;
+    reply_raw(fd, in.unique, attr.status().error(), nullptr, 0);
+    return;
   }
   struct stat st = attr->to_stat(d.volume.block_size());
+  fuse_entry_out entry{};
   entry.nodeid = attr->ino;
   entry.generation = attr->generation;
   entry.entry_valid = entry.attr_valid = uint64_t(kTimeout);
@@ -809,24 +840,72 @@ bool serve_tmpfile(int fd, Daemon& d, const std::byte* p, ssize_t n) {
   entry.attr.gid = st.st_gid;
   entry.attr.blksize = uint32_t(st.st_blksize);
   auto* file = new OpenFile();
+  fuse_open_out open{};
   open.fh = reinterpret_cast<uint64_t>(file);
   if (is_dax(d, *attr)) open.open_flags |= FOPEN_DIRECT_IO;
-  out.len = sizeof out + sizeof entry + sizeof open;
-  iovec iov[3] = {{&out, sizeof out}, {&entry, sizeof entry}, {&open, sizeof open}};
   // The kernel's lookup reference, as reply_entry gives it; taken back if the reply fails (the
   // caller was interrupted), which frees the file.
   d.volume.hold(attr->ino, 1);
-  if (::writev(fd, iov, 3) != ssize_t(out.len)) {
+  iovec body[2] = {{&entry, sizeof entry}, {&open, sizeof open}};
+  if (!reply_raw(fd, in.unique, 0, body, 2)) {
     delete file;
     d.volume.forget(attr->ino, 1);
+  }
+}
+
+void serve_statx(int fd, Daemon& d, const fuse_in_header& in) {
+  auto attr = d.volume.getattr(in.nodeid);
+  if (!attr) {
+    reply_raw(fd, in.unique, attr.status().error(), nullptr, 0);
+    return;
+  }
+  struct stat st = attr->to_stat(d.volume.block_size());
+  StatxOut out{};
+  out.attr_valid = uint64_t(kTimeout);
+  out.mask = STATX_BASIC_STATS | STATX_BTIME;
+  out.blksize = uint32_t(st.st_blksize);
+  out.nlink = uint32_t(st.st_nlink);
+  out.uid = st.st_uid;
+  out.gid = st.st_gid;
+  out.mode = uint16_t(st.st_mode);
+  out.ino = st.st_ino;
+  out.size = uint64_t(st.st_size);
+  out.blocks = uint64_t(st.st_blocks);
+  auto time = [](const timespec& t) { return StatxTime{t.tv_sec, uint32_t(t.tv_nsec), 0}; };
+  out.atime = time(st.st_atim);
+  out.mtime = time(st.st_mtim);
+  out.ctime = time(st.st_ctim);
+  out.btime = time(attr->btime);
+  out.rdev_major = major(st.st_rdev);
+  out.rdev_minor = minor(st.st_rdev);
+  // (The kernel keeps stx_attributes to itself: what it would take from here, Linux 6.18 drops.)
+  iovec body{&out, sizeof out};
+  reply_raw(fd, in.unique, 0, &body, 1);
+}
+
+// Returns false when the request is one for libfuse.
+bool serve_here(int fd, Daemon& d, const std::byte* p, ssize_t n) {
+  uint32_t opcode;
+  if (n < ssize_t(sizeof(fuse_in_header))) return false;
+  std::memcpy(&opcode, p + offsetof(fuse_in_header, opcode), sizeof opcode);
+  if (opcode != FUSE_TMPFILE && opcode != kOpStatx) return false;
+  fuse_in_header in;
+  std::memcpy(&in, p, sizeof in);
+  const std::byte* arg = p + sizeof in;
+  if (opcode == FUSE_TMPFILE && n >= ssize_t(sizeof in + sizeof(fuse_create_in))) {
+    serve_tmpfile(fd, d, in, arg);
+  } else if (opcode == kOpStatx && n >= ssize_t(sizeof in + sizeof(StatxIn))) {
+    serve_statx(fd, d, in);
+  } else {
+    reply_raw(fd, in.unique, EINVAL, nullptr, 0);
   }
   return true;
 }
 
 ssize_t fuse_dev_read(int fd, void* buf, size_t len, void* userdata) {
   ssize_t n = ::read(fd, buf, len);
-  while (n > 0 && serve_tmpfile(fd, *static_cast<Daemon*>(userdata),
-                                static_cast<const std::byte*>(buf), n)) {
+  while (n > 0 &&
+         serve_here(fd, *static_cast<Daemon*>(userdata), static_cast<const std::byte*>(buf), n)) {
     n = ::read(fd, buf, len);
   }
   // fuse_in_header (len, opcode, unique, ...) then fuse_init_in (major, minor, max_readahead,

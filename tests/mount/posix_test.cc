@@ -190,6 +190,37 @@ TEST_F(Posix, TmpfileIsUnnamedUntilLinked) {
   EXPECT_EQ(err(::open(p("missing/x").c_str(), O_TMPFILE | O_RDWR, 0600)), ENOENT);
 }
 
+// statx(STATX_BTIME): the birth time, which stays through writes, chmod and a remount's cache
+// loss (the kernel asks with FUSE_STATX only when the caller wants more than the basic fields).
+TEST_F(Posix, StatxReportsTheBirthTime) {
+  timespec before{};
+  clock_gettime(CLOCK_REALTIME, &before);
+  spit(p("born"), "x");
+  struct statx first {};
+  ASSERT_EQ(::statx(AT_FDCWD, p("born").c_str(), 0, STATX_BASIC_STATS | STATX_BTIME, &first), 0);
+  ASSERT_TRUE(first.stx_mask & STATX_BTIME) << "birth time reported";
+  EXPECT_EQ(first.stx_mask & STATX_BASIC_STATS, unsigned(STATX_BASIC_STATS));
+  EXPECT_GE(first.stx_btime.tv_sec, before.tv_sec - 1);
+  EXPECT_LE(first.stx_btime.tv_sec, before.tv_sec + 5);
+  EXPECT_EQ(first.stx_size, 1u);
+  EXPECT_TRUE(S_ISREG(first.stx_mode));
+  std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  spit(p("born"), "longer now", O_WRONLY | O_APPEND);
+  ASSERT_EQ(::chmod(p("born").c_str(), 0600), 0);
+  struct statx later {};
+  ASSERT_EQ(::statx(AT_FDCWD, p("born").c_str(), AT_STATX_FORCE_SYNC,
+                    STATX_BASIC_STATS | STATX_BTIME, &later),
+            0);
+  EXPECT_EQ(later.stx_btime.tv_sec, first.stx_btime.tv_sec);
+  EXPECT_EQ(later.stx_btime.tv_nsec, first.stx_btime.tv_nsec);
+  EXPECT_EQ(later.stx_size, 11u);
+  EXPECT_EQ(later.stx_mode & 07777, 0600u);
+  EXPECT_GT(later.stx_mtime.tv_sec * 1000000000ll + later.stx_mtime.tv_nsec,
+            later.stx_btime.tv_sec * 1000000000ll + later.stx_btime.tv_nsec);
+  struct statx gone {};
+  EXPECT_EQ(err(::statx(AT_FDCWD, p("unborn").c_str(), 0, STATX_BTIME, &gone)), ENOENT);
+}
+
 TEST_F(Posix, DirectoriesAndErrors) {
   ASSERT_EQ(::mkdir(p("dir").c_str(), 0750), 0);
   EXPECT_EQ(err(::mkdir(p("dir").c_str(), 0750)), EEXIST);
