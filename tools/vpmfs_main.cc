@@ -158,6 +158,7 @@ int main(int argc, char** argv) {
   for (const auto& list : option_lists) {
     if (vpmfs::Status s = vpmfs::apply_mount_options(list, options); !s) launcher.fail(s.message());
   }
+  if (vpmfs::Status s = vpmfs::check_mount_options(options); !s) launcher.fail(s.message());
   if (options.debug) options.foreground = true;
   if (single_thread) options.max_threads = 1;
   if (options.remount) remount(options, launcher);

@@ -178,6 +178,9 @@ Status apply_mount_options(std::string_view list, DaemonOptions& o) {
                        : name == "strictatime" ? MountOptions::Atime::strictatime
                                                : MountOptions::Atime::relatime;
       if (name == "noatime") o.passed.emplace_back(item);
+    } else if (name == "norecovery" || name == "noload") {
+      if (Status s = flag(); !s) return s;
+      o.norecovery = true;
     } else if (name == "remount") {
       if (Status s = flag(); !s) return s;
       o.remount = true;
@@ -192,6 +195,15 @@ Status apply_mount_options(std::string_view list, DaemonOptions& o) {
     } else {
       return bad(item, "unknown option (see vpmfs --help)");
     }
+  }
+  return Status::ok();
+}
+
+Status check_mount_options(const DaemonOptions& o) {
+  if (o.norecovery && !o.volume.read_only) {
+    return Status(EINVAL,
+                  "mount option 'norecovery' needs 'ro': a writable mount replays the journal "
+                  "(a read-only one never does)");
   }
   return Status::ok();
 }

@@ -40,12 +40,17 @@ struct DaemonOptions {
   std::string record;
   // mount -o remount,...: change the flags of the mount on mountpoint (ro/rw) and exit.
   bool remount = false;
+  // norecovery (or noload), as ext4 and xfs take it: mount without replaying the journal, which
+  // only a read-only mount may do (and every read-only vpmfs mount does).
+  bool norecovery = false;
   std::vector<std::string> passed;  // generic options accepted and left to the kernel or ignored
 };
 
 // Applies one -o argument ("a,b=c,...") to options. Later options override earlier ones, as
 // with mount(8).
 Status apply_mount_options(std::string_view list, DaemonOptions& options);
+// What only all the -o arguments together can say is wrong (norecovery without ro).
+Status check_mount_options(const DaemonOptions& options);
 
 // The -o string for libfuse's session (fsname, subtype, allow_other, default_permissions, ro).
 std::string fuse_mount_options(const DaemonOptions& options);

@@ -39,6 +39,19 @@ TEST(MountOptions, VpmfsOptions) {
   EXPECT_FALSE(o.volume.mode.has_value());
   EXPECT_EQ(o.dax, DaxPolicy::never);
   EXPECT_FALSE(o.default_permissions);
+  // norecovery and noload need ro, as on ext4 (where a read-only vpmfs mount never replays).
+  EXPECT_TRUE(check_mount_options(o));
+  ASSERT_TRUE(apply_mount_options("norecovery", o));
+  EXPECT_TRUE(o.norecovery);
+  EXPECT_EQ(check_mount_options(o).error(), EINVAL);
+  ASSERT_TRUE(apply_mount_options("ro", o));
+  EXPECT_TRUE(check_mount_options(o));
+  EXPECT_FALSE(apply_mount_options("noload=1", o));
+  ASSERT_TRUE(apply_mount_options("rw", o));
+  o.norecovery = false;
+  ASSERT_TRUE(apply_mount_options("noload", o));
+  EXPECT_FALSE(check_mount_options(o));
+  o.norecovery = false;
   ASSERT_TRUE(apply_mount_options("writeback_cache", o));
   EXPECT_TRUE(o.writeback_cache);
   ASSERT_TRUE(apply_mount_options("no_writeback_cache", o));

@@ -223,9 +223,14 @@ TEST(Daemon, MountThroughMountFuse3AndReadOnly) {
   // The daemon ends after the unmount returns; fsck waits for it to let the image go.
   EXPECT_EQ(capture({kBin + "/fsck.vpmfs", "-n", img}).first, 0);
 
+  // norecovery (as xfstests and ext4 users give it) only with ro, with a clear refusal.
+  auto [rc_nr, err_nr] =
+      capture({"/bin/mount", "-t", "fuse", source, dir, "-o", "norecovery,sync_dax=writeback"});
+  EXPECT_NE(rc_nr, 0);
+  EXPECT_NE(err_nr.find("'norecovery' needs 'ro'"), std::string::npos) << err_nr;
   // Read-only: the data is there, writes fail with EROFS.
   auto [rc3, err3] =
-      capture({"/bin/mount", "-t", "fuse", source, dir, "-o", "ro,sync_dax=writeback"});
+      capture({"/bin/mount", "-t", "fuse", source, dir, "-o", "ro,norecovery,sync_dax=writeback"});
   ASSERT_EQ(rc3, 0) << err3;
   {
     std::ifstream in(dir + "/hello");
