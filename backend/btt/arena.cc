@@ -847,7 +847,18 @@ Result<uint32_t> Arena::recover_intents(std::vector<std::string>& notes, int are
   }
   epoch_ = max_epoch + 1;
   intent_seq_.store(max_seq + 1, std::memory_order_relaxed);
-  if (newest.empty()) return 0u;
+  if (newest.empty()) {
+    // Records of epochs that never committed are dead now, but only for as long as each lane
+    // keeps its free block. A writeback write logs a new record for its lane before that can
+    // change; a direct write logs none, and its first write of a record's sector gives the
+    // record's block back to the lane as its free block, with the record's data still in it:
+    // the next open would take that long overwritten write back. So a direct open declares
+    // every epoch so far committed.
+    if (!writeback_ && !region_.read_only() && max_epoch > h.committed_epoch) {
+      write_intent_header(max_epoch);
+    }
+    return 0u;
+  }
   if (region_.read_only()) {
     // Read as the next writable open will see them (fsck -n), without changing anything.
     for (const auto& [premap, c] : newest) rolled_[premap] = c.rec.block | kMapNormal;
