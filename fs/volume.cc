@@ -686,13 +686,13 @@ void VolumeImpl::run_commit(std::unique_lock<std::mutex>& cl) {
                       std::clamp<std::chrono::steady_clock::duration>(
                           took, std::chrono::microseconds(20), std::chrono::milliseconds(2));
     }
-    if (!commit_requested_ || stopping_) return;
     // Requests that came during this commit. A whole group, or no group to wait for: this
     // thread commits them at once (handing them to the committer thread costs two wake-ups,
-    // more than a commit of an image in memory takes). Part of a group: the committer thread
-    // waits for the rest.
-    if (gathering_ && waiters_.size() < gather_target_) {
-      commit_cv_.notify_all();
+    // more than a commit of an image in memory takes). Part of a group, or an unmount: the
+    // committer thread takes over (it waits for the rest of the group, or commits last).
+    bool part_of_group = gathering_ && waiters_.size() < gather_target_;
+    if (!commit_requested_ || stopping_ || part_of_group) {
+      if (commit_requested_ || stopping_) commit_cv_.notify_all();
       return;
     }
     gathering_ = false;
