@@ -38,6 +38,24 @@ uint64_t scale() {
   return s != nullptr ? std::max<uint64_t>(1, std::strtoull(s, nullptr, 10)) : 1;
 }
 
+// How a workload mounts its volume: in the boot its kill log belongs to.
+MountOptions workload_options(PersistMode mode) {
+  MountOptions mo;
+  mo.mode = mode;
+  mo.force_persistent = true;
+  mo.boot_id = kWorkloadBoot;
+  return mo;
+}
+
+// How a crash image is mounted for its check: after a reboot, which ignores the kill log.
+MountOptions rebooted_options() {
+  MountOptions mo;
+  mo.mode = PersistMode::direct;
+  mo.force_persistent = true;
+  mo.boot_id = kRebootedBoot;
+  return mo;
+}
+
 // A fresh 20 MiB volume for a workload.
 void make_volume(const std::string& path, uint32_t sector_size = 4096) {
   MkfsOptions mk;
@@ -150,10 +168,7 @@ struct Recording {
 };
 
 Recording record(const std::string& path, PersistMode mode, int phases, uint64_t seed) {
-  MountOptions mo;
-  mo.mode = mode;
-  mo.force_persistent = true;
-  mo.boot_id = kWorkloadBoot;
+  MountOptions mo = workload_options(mode);
   auto v = std::move(Volume::mount(path, mo).value());
   Recording rec;
   rec.recorder = std::make_unique<CrashRecorder>(v->region());
@@ -207,10 +222,7 @@ std::optional<std::string> read_all(Volume& v, const std::string& n, std::string
 
 std::string verify(const std::string& crashed, const Recording& rec, std::size_t cut) {
   if (std::string raw = raw_fsck_problem(crashed, kRebootedBoot); !raw.empty()) return raw;
-  MountOptions mo;
-  mo.mode = PersistMode::direct;
-  mo.force_persistent = true;
-  mo.boot_id = kRebootedBoot;
+  MountOptions mo = rebooted_options();
   std::string failure;
   {
     auto v = Volume::mount(crashed, mo);
@@ -258,10 +270,7 @@ struct CutRecording {
 };
 
 CutRecording record_cuts(const std::string& path, PersistMode mode, uint64_t seed) {
-  MountOptions mo;
-  mo.mode = mode;
-  mo.force_persistent = true;
-  mo.boot_id = kWorkloadBoot;
+  MountOptions mo = workload_options(mode);
   mo.max_transaction_blocks = 6;  // a commit every few pieces
   mo.cache_blocks = 16;           // and the metadata cache dropped after each
   auto v = std::move(Volume::mount(path, mo).value());
@@ -288,10 +297,7 @@ CutRecording record_cuts(const std::string& path, PersistMode mode, uint64_t see
 
 std::string verify_cuts(const std::string& crashed, const CutRecording& rec, std::size_t cut) {
   if (std::string raw = raw_fsck_problem(crashed, kRebootedBoot); !raw.empty()) return raw;
-  MountOptions mo;
-  mo.mode = PersistMode::direct;
-  mo.force_persistent = true;
-  mo.boot_id = kRebootedBoot;
+  MountOptions mo = rebooted_options();
   std::string failure;
   {
     auto v = Volume::mount(crashed, mo);
@@ -341,13 +347,25 @@ void crash_spread(const CrashRecorder& recorder, CrashModel model, uint64_t want
   EXPECT_GE(points, wanted * scale());
 }
 
+// Records a workload on a fresh volume and crashes it as crash_spread does. Its image files are
+// named after `name`.
+template <typename Recording>
+void record_and_crash(const std::string& name, uint32_t sector_size, PersistMode mode,
+                      CrashModel model, uint64_t seed, uint64_t wanted, const char* what,
+                      Recording (*record)(const std::string&, PersistMode, uint64_t),
+                      std::string (*verify)(const std::string&, const Recording&, std::size_t)) {
+  TempPath path(name + "-src.img");
+  TempPath crashed(name + "-dst.img");
+  make_volume(path, sector_size);
+  Recording rec = record(path, mode, seed);
+  crash_spread(*rec.recorder, model, wanted, seed, crashed, what,
+               [&](std::size_t cut) { return verify(crashed, rec, cut); });
+}
+
 void crash_cuts(PersistMode mode, CrashModel model, uint64_t seed) {
-  TempPath path("fscut-src.img");
-  TempPath crashed("fscut-dst.img");
-  make_volume(path, 512);  // more pieces, more transactions
-  CutRecording rec = record_cuts(path, mode, seed);
-  crash_spread(*rec.recorder, model, 100, seed, crashed, "in large cuts and deletes",
-               [&](std::size_t cut) { return verify_cuts(crashed, rec, cut); });
+  // 512-byte sectors: more pieces, more transactions.
+  record_and_crash("fscut", 512, mode, model, seed, 100, "in large cuts and deletes", record_cuts,
+                   verify_cuts);
 }
 
 TEST(FsCrash, LargeCutsAndDeletesDirectModel) {
@@ -416,10 +434,7 @@ struct KillRecording {
 
 KillRecording record_kill_workload(const std::string& path, PersistMode mode, int calls,
                                    uint64_t seed) {
-  MountOptions mo;
-  mo.mode = mode;
-  mo.force_persistent = true;
-  mo.boot_id = kWorkloadBoot;
+  MountOptions mo = workload_options(mode);
   mo.commit_interval_ms = 3600 * 1000;  // only the calls below commit
   mo.cache_blocks = 16;                 // metadata read back from the BTT after each commit
   auto v = std::move(Volume::mount(path, mo).value());
@@ -589,10 +604,7 @@ struct XattrRecording {
 
 XattrRecording record_xattr_workload(const std::string& path, PersistMode mode, int calls,
                                      uint64_t seed, bool only_syncs_commit = false) {
-  MountOptions mo;
-  mo.mode = mode;
-  mo.force_persistent = true;
-  mo.boot_id = kWorkloadBoot;
+  MountOptions mo = workload_options(mode);
   if (only_syncs_commit) mo.commit_interval_ms = 3600 * 1000;
   auto v = std::move(Volume::mount(path, mo).value());
   XattrRecording rec;
@@ -839,10 +851,7 @@ struct DatasyncRecording {
 };
 
 DatasyncRecording record_datasyncs(const std::string& path, PersistMode mode, uint64_t seed) {
-  MountOptions mo;
-  mo.mode = mode;
-  mo.force_persistent = true;
-  mo.boot_id = kWorkloadBoot;
+  MountOptions mo = workload_options(mode);
   auto v = std::move(Volume::mount(path, mo).value());
   auto a = v->mknod(kRootIno, "d", S_IFREG | 0644, 0, 0, 0);
   EXPECT_TRUE(a);
@@ -866,10 +875,7 @@ DatasyncRecording record_datasyncs(const std::string& path, PersistMode mode, ui
 std::string verify_datasyncs(const std::string& crashed, const DatasyncRecording& rec,
                              std::size_t cut) {
   if (std::string raw = raw_fsck_problem(crashed, kRebootedBoot); !raw.empty()) return raw;
-  MountOptions mo;
-  mo.mode = PersistMode::direct;
-  mo.force_persistent = true;
-  mo.boot_id = kRebootedBoot;
+  MountOptions mo = rebooted_options();
   int last = -1;  // the last version whose fdatasync returned by the cut
   for (std::size_t k = 0; k < rec.versions.size(); ++k) {
     if (rec.synced[k] <= cut) last = int(k);
@@ -916,12 +922,8 @@ std::string verify_datasyncs(const std::string& crashed, const DatasyncRecording
 }
 
 void crash_datasyncs(PersistMode mode, CrashModel model, uint64_t seed) {
-  TempPath path("fsdatasync-src.img");
-  TempPath crashed("fsdatasync-dst.img");
-  make_volume(path);
-  DatasyncRecording rec = record_datasyncs(path, mode, seed);
-  crash_spread(*rec.recorder, model, 150, seed, crashed, "around fdatasync",
-               [&](std::size_t cut) { return verify_datasyncs(crashed, rec, cut); });
+  record_and_crash("fsdatasync", 4096, mode, model, seed, 150, "around fdatasync", record_datasyncs,
+                   verify_datasyncs);
 }
 
 TEST(FsCrash, FdatasyncWithoutCommitWritebackModel) {
@@ -930,6 +932,106 @@ TEST(FsCrash, FdatasyncWithoutCommitWritebackModel) {
 
 TEST(FsCrash, FdatasyncWithoutCommitDirectModel) {
   crash_datasyncs(PersistMode::direct, CrashModel::direct, 43);
+}
+
+// --- unnamed files (O_TMPFILE) -------------------------------------------------------------
+// Files made without a name, written, then either named (linkat) and synced, dropped (the last
+// reference goes) or left open when the power goes. After a crash every unnamed file is gone
+// and its inode and blocks are free again (fsck clean, the inode count back to the named files),
+// a name made durable holds its whole content, and any name present holds that content too:
+// the name is given only after the content was written.
+
+struct TmpfileFact {
+  std::string name;
+  std::string content;
+  std::size_t synced = SIZE_MAX;  // events by which its name is durable (SIZE_MAX: never named)
+};
+
+struct TmpfileRecording {
+  std::unique_ptr<CrashRecorder> recorder;
+  std::vector<TmpfileFact> files;
+  uint64_t inodes_before = 0;  // inodes in use before the workload
+};
+
+TmpfileRecording record_tmpfiles(const std::string& path, PersistMode mode, uint64_t seed) {
+  MountOptions mo = workload_options(mode);
+  auto v = std::move(Volume::mount(path, mo).value());
+  TmpfileRecording rec;
+  struct statvfs st = v->statfs();
+  rec.inodes_before = st.f_files - st.f_ffree;
+  rec.recorder = std::make_unique<CrashRecorder>(v->region());
+  SplitMix64 rng(seed);
+  for (int k = 0; k < 24; ++k) {
+    TmpfileFact f{name('n', k), content(seed * 100 + k, 1 + rng.below(k % 5 == 0 ? 90000 : 9000))};
+    auto a = v->tmpfile(kRootIno, 0644, 0, 0);
+    EXPECT_TRUE(a) << a.status().to_string();
+    if (!a) break;
+    v->hold(a->ino, 1);
+    EXPECT_TRUE(v->write(a->ino, 0, f.content.data(), f.content.size()));
+    switch (rng.below(3)) {
+      case 0:  // named and synced
+        EXPECT_TRUE(v->link(a->ino, kRootIno, f.name));
+        EXPECT_TRUE(v->sync_wait());
+        f.synced = rec.recorder->events();
+        v->forget(a->ino, 1);
+        break;
+      case 1:  // dropped: freed with its last reference
+        v->forget(a->ino, 1);
+        break;
+      default:  // still open when the power goes; a sync now and then
+        if (rng.chance(1, 2)) {
+          EXPECT_TRUE(v->sync_wait());
+        }
+        break;
+    }
+    rec.files.push_back(std::move(f));
+  }
+  rec.recorder->detach();
+  return rec;
+}
+
+std::string verify_tmpfiles(const std::string& crashed, const TmpfileRecording& rec,
+                            std::size_t cut) {
+  if (std::string raw = raw_fsck_problem(crashed, kRebootedBoot); !raw.empty()) return raw;
+  MountOptions mo = rebooted_options();
+  {
+    auto v = Volume::mount(crashed, mo);
+    if (!v) return "mount failed: " + v.status().to_string();
+    uint64_t named = 0;
+    for (const TmpfileFact& f : rec.files) {
+      std::string failure;
+      auto data = read_all(**v, f.name, &failure);
+      if (!failure.empty()) return failure;
+      if (!data && f.synced <= cut) return f.name + " was named and synced but is missing";
+      if (!data) continue;
+      ++named;
+      if (*data != f.content) {
+        return f.name + " holds " + std::to_string(data->size()) + " bytes, not the " +
+               std::to_string(f.content.size()) + " written before it was named";
+      }
+    }
+    struct statvfs st = (*v)->statfs();
+    uint64_t in_use = st.f_files - st.f_ffree;
+    if (in_use != rec.inodes_before + named) {
+      return std::to_string(in_use) + " inodes in use after the mount, expected " +
+             std::to_string(rec.inodes_before) + " and " + std::to_string(named) +
+             " named files: an unnamed file survived";
+    }
+  }
+  return fsck_problem(crashed, kRebootedBoot);
+}
+
+void crash_tmpfiles(PersistMode mode, CrashModel model, uint64_t seed) {
+  record_and_crash("fstmpfile", 4096, mode, model, seed, 300, "among unnamed files",
+                   record_tmpfiles, verify_tmpfiles);
+}
+
+TEST(FsCrash, UnnamedFilesWritebackModel) {
+  crash_tmpfiles(PersistMode::writeback, CrashModel::writeback, 51);
+}
+
+TEST(FsCrash, UnnamedFilesDirectModel) {
+  crash_tmpfiles(PersistMode::direct, CrashModel::direct, 53);
 }
 
 }  // namespace
