@@ -548,9 +548,7 @@ Status Arena::write_epoch(uint32_t premap, const iovec* iov, int iovcnt) {
     in_place_.fetch_add(1, std::memory_order_relaxed);
     return Status::ok();
   }
-  uint32_t overtaken = kNoLane;
-  if (auto it = s.overlay.find(premap); it != s.overlay.end()) overtaken = it->second;
-  s.overlay[premap] = li;
+  uint32_t overtaken = s.overlay_set(premap, li);
   lane.lba = premap;
   published_.push_back(li);
   // In the mapping before the write is acknowledged: a killed process leaves it in the page
@@ -627,7 +625,7 @@ Status Arena::mark(uint32_t premap, uint32_t flag) {
     // Newer than the uncommitted write of this sector: drop that write. Its intent record goes
     // only now, so that a kill before the flag is stored still finds the write.
     if (lanes_[pending->second].state == LaneState::pending) release_pending(pending->second);
-    s.overlay.erase(pending);
+    s.overlay_erase(pending);
   }
   return Status::ok();
 }
@@ -768,7 +766,7 @@ uint64_t Arena::write_map() {
       // with the next flush, before this lane's next flog entry can.
       map_write(lane.lba, lane.free | kMapNormal);
       auto it = s.overlay.find(lane.lba);
-      if (it != s.overlay.end() && it->second == li) s.overlay.erase(it);
+      if (it != s.overlay.end() && it->second == li) s.overlay_erase(it);
       lane.free = lane.old_map & kMapBlockMask;
       lane.sub ^= 1;
       lane.seq = next_seq(lane.seq);
@@ -878,7 +876,7 @@ Result<uint32_t> Arena::recover_intents(std::vector<std::string>& notes, int are
       lanes_[c.lane].lba = premap;
       lanes_[c.lane].held = true;  // acknowledged: nothing may drop it before it commits
       published_.push_back(c.lane);
-      stripe(premap).overlay[premap] = c.lane;
+      stripe(premap).overlay_set(premap, c.lane);
       avail_.erase(std::find(avail_.begin(), avail_.end(), c.lane));
     }
     notes.push_back(str("arena %d: took back %zu acknowledged writes from the intent log",
