@@ -792,10 +792,6 @@ Result<std::size_t> VolumeImpl::write(uint64_t ino, uint64_t offset, const void*
 
 Result<std::size_t> VolumeImpl::write_piece(uint64_t ino, uint64_t offset, const std::byte* in,
                                             std::size_t len, bool* sync) {
-  {
-    Lock lock(mu_);
-    throttle(lock);
-  }
   struct Target {
     uint64_t lba;
     bool fresh;
@@ -809,6 +805,8 @@ Result<std::size_t> VolumeImpl::write_piece(uint64_t ino, uint64_t offset, const
   std::shared_lock gate(gate_, std::defer_lock);
   for (;;) {
     Lock lock(mu_);
+    // Not with the gate held: the commit it may wait for takes the gate exclusively.
+    if (!gate.owns_lock()) throttle(lock);
     auto inode = iget(ino);
     if (!inode) return inode.status();
     if (S_ISDIR(inode->mode)) return Status(EISDIR, "is a directory");
@@ -853,27 +851,34 @@ Result<std::size_t> VolumeImpl::write_piece(uint64_t ino, uint64_t offset, const
   }
   // The data, without the volume lock. Whole blocks go straight from the caller's buffer into
   // the BTT's free block: the only copy.
-  std::vector<std::byte> tmp;  // a partial block's read-modify-write
-  uint64_t pos = offset;
-  for (const Target& t : targets) {
-    uint64_t at = pos % bs_;
-    uint64_t n_bytes = std::min<uint64_t>(bs_ - at, offset + len - pos);
-    Status s;
-    if (n_bytes == bs_) {
-      s = btt_->write(t.lba, in);
-    } else {
-      tmp.resize(bs_);
-      if (t.fresh) {
-        std::memset(tmp.data(), 0, bs_);  // never show what the block held before
-      } else if (s = btt_->read(t.lba, tmp.data()); !s) {
-        return s;
-      }
-      std::memcpy(tmp.data() + at, in, n_bytes);
-      s = btt_->write(t.lba, tmp.data());
+  // Only the first and the last block can be partial: a read-modify-write each. The whole
+  // blocks between go to the BTT in one call, which shares its locks among them.
+  auto partial = [&](const Target& t, uint64_t at, uint64_t n_bytes, const std::byte* src) {
+    std::vector<std::byte> tmp(bs_);
+    if (t.fresh) {
+      std::memset(tmp.data(), 0, bs_);  // never show what the block held before
+    } else if (Status s = btt_->read(t.lba, tmp.data()); !s) {
+      return s;
     }
-    if (!s) return s;
+    std::memcpy(tmp.data() + at, src, n_bytes);
+    return btt_->write(t.lba, tmp.data());
+  };
+  std::size_t first = 0;
+  std::size_t last = targets.size();
+  if (uint64_t at = offset % bs_; at != 0 || len < bs_) {
+    uint64_t n_bytes = std::min<uint64_t>(bs_ - at, len);
+    if (Status s = partial(targets[0], at, n_bytes, in); !s) return s;
     in += n_bytes;
-    pos += n_bytes;
+    first = 1;
+  }
+  const uint64_t tail = (offset + len) % bs_;
+  if (tail != 0 && last > first) --last;
+  std::vector<uint64_t> lbas;
+  lbas.reserve(last - first);
+  for (std::size_t i = first; i < last; ++i) lbas.push_back(targets[i].lba);
+  if (Status s = btt_->write_sectors(lbas.data(), lbas.size(), in); !s) return s;
+  if (last < targets.size()) {
+    if (Status s = partial(targets[last], 0, tail, in + lbas.size() * bs_); !s) return s;
   }
   return len;
 }

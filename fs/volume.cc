@@ -310,6 +310,7 @@ Status VolumeImpl::replay_kill_log(const ImageHeader& h, const MountOptions& o) 
     if (Status s = commit(); !s) return s;
   }
   kill_dirty_.clear();
+  kill_pending_.store(false, std::memory_order_release);
   kill_log_ = std::make_unique<KillLog>(*region_, h.kill_log_offset, h.kill_log_size, bs_, *boot);
   kill_log_->clear();
   kill_log_->start(sequence_ + 1);
@@ -317,11 +318,8 @@ Status VolumeImpl::replay_kill_log(const ImageHeader& h, const MountOptions& o) 
 }
 
 void VolumeImpl::checkpoint() {
-  if (!kill_log_) return;
-  {
-    Lock lock(mu_);
-    if (kill_dirty_.empty()) return;  // a concurrent checkpoint took this call's changes
-  }
+  // False also when a concurrent checkpoint took this call's changes (and logged them).
+  if (!kill_log_ || !kill_pending_.load(std::memory_order_acquire)) return;
   for (int attempt = 0;; ++attempt) {
     {
       // Exclusive: no writer is between allocating blocks and writing their data, so no
@@ -332,12 +330,14 @@ void VolumeImpl::checkpoint() {
       std::vector<uint64_t> lbas(kill_dirty_.begin(), kill_dirty_.end());
       if (kill_log_->append(lbas, [this](uint64_t lba) { return cache_.at(lba).get(); })) {
         kill_dirty_.clear();
+        kill_pending_.store(false, std::memory_order_release);
         trim_cache();  // a safe point: this call's pointers into the cache are gone
         return;
       }
       if (attempt > 0) {
         // More than a whole half: the commit just done holds these changes instead.
         kill_dirty_.clear();
+        kill_pending_.store(false, std::memory_order_release);
         return;
       }
     }
@@ -527,6 +527,7 @@ std::byte* VolumeImpl::meta_mut(uint64_t lba) {
   const std::byte* p = meta(lba);
   dirty_.insert(lba);
   kill_dirty_.insert(lba);
+  kill_pending_.store(true, std::memory_order_relaxed);
   return const_cast<std::byte*>(p);
 }
 
@@ -536,6 +537,7 @@ std::byte* VolumeImpl::meta_new(uint64_t lba) {
   std::memset(slot.get(), 0, bs_);
   dirty_.insert(lba);
   kill_dirty_.insert(lba);
+  kill_pending_.store(true, std::memory_order_relaxed);
   return slot.get();
 }
 

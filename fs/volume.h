@@ -3,6 +3,7 @@
 
 #include <time.h>
 
+#include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <map>
@@ -18,6 +19,7 @@
 #include "format.h"
 #include "held_counts.h"
 #include "kill_log.h"
+#include "vpmfs/adaptive_mutex.h"
 #include "vpmfs/btt.h"
 #include "vpmfs/fs.h"
 #include "xattr.h"
@@ -90,7 +92,7 @@ class VolumeImpl final : public Volume {
 
  private:
   friend class Mapping;
-  using Lock = std::unique_lock<std::mutex>;
+  using Lock = std::unique_lock<AdaptiveMutex>;
 
   // A directory's name index, built on first use so lookups and creates never scan.
   struct DirIndex {
@@ -305,10 +307,14 @@ class VolumeImpl final : public Volume {
   // until their data is written; a commit takes it exclusively to snapshot, so no transaction
   // points at a block whose data is not yet written.
   std::shared_mutex gate_;
-  std::mutex mu_;  // guards everything below
+  AdaptiveMutex mu_;  // guards everything below
   std::unordered_map<uint64_t, std::unique_ptr<std::byte[]>> cache_;
   std::set<uint64_t> dirty_;       // blocks changed since the last commit began
   std::set<uint64_t> kill_dirty_;  // blocks changed since the last checkpoint
+  // kill_dirty_ may be non-empty: set (under mu_) with each insert, cleared with the set. Lets a
+  // call that changed no metadata (an overwrite within the clock's tick) skip the checkpoint
+  // without taking mu_ once more.
+  std::atomic<bool> kill_pending_{false};
   std::unique_ptr<KillLog> kill_log_;
   uint64_t journal_txn_ = 0;      // the last transaction the journal holds whole
   std::vector<bool> block_used_;  // in-memory copies of the bitmaps

@@ -363,13 +363,15 @@ std::atomic<uint32_t>* Arena::rtt_claim() {
   }
 }
 
-void Arena::rtt_wait(uint32_t block) const {
-  // Orders the map update that freed this block before the scan (a reader that publishes after
+void Arena::rtt_wait(const uint32_t* blocks, uint32_t n) const {
+  // Orders the map update that freed these blocks before the scan (a reader that publishes after
   // this point re-reads the map and sees the block is no longer mapped).
   std::atomic_thread_fence(std::memory_order_seq_cst);
-  uint32_t busy = kRttValid | block;
+  auto busy = [&](uint32_t v) {
+    return (v & kRttValid) != 0 && std::find(blocks, blocks + n, v & ~kRttValid) != blocks + n;
+  };
   for (const auto& slot : rtt_) {
-    for (int spins = 0; slot.load(std::memory_order_acquire) == busy; ++spins) {
+    for (int spins = 0; busy(slot.load(std::memory_order_acquire)); ++spins) {
       if (spins < 64) {
         _mm_pause();
       } else {
@@ -444,7 +446,28 @@ Status Arena::write(uint32_t premap, const iovec* iov, int iovcnt) {
     std::lock_guard lock(s.mu);
     if (s.pins.count(premap) != 0) return write_in_place(premap, iov, iovcnt);
   }
-  return writeback_ ? write_epoch(premap, iov, iovcnt) : write_direct(premap, iov, iovcnt);
+  return writeback_ ? write_epoch(&premap, &iov, &iovcnt, 1) : write_direct(premap, iov, iovcnt);
+}
+
+Status Arena::write_batch(const uint32_t* premaps, uint32_t n, const std::byte* data) {
+  const uint32_t ss = g_.external_lbasize;
+  if (!writeback_ || pinned_count_.load(std::memory_order_acquire) != 0) {
+    for (uint32_t i = 0; i < n; ++i) {
+      iovec iov{const_cast<std::byte*>(data + uint64_t(i) * ss), ss};
+      if (Status s = write(premaps[i], &iov, 1); !s) return s;
+    }
+    return Status::ok();
+  }
+  writes_.fetch_add(n, std::memory_order_relaxed);
+  iovec iov[kMaxBatch];
+  const iovec* iovs[kMaxBatch];
+  int iovcnts[kMaxBatch];
+  for (uint32_t i = 0; i < n; ++i) {
+    iov[i] = iovec{const_cast<std::byte*>(data + uint64_t(i) * ss), ss};
+    iovs[i] = &iov[i];
+    iovcnts[i] = 1;
+  }
+  return write_epoch(premaps, iovs, iovcnts, n);
 }
 
 Status Arena::write_in_place(uint32_t premap, const iovec* iov, int iovcnt) {
@@ -476,7 +499,7 @@ Status Arena::write_direct(uint32_t premap, const iovec* iov, int iovcnt) {
   // 1. Data into the lane's free block with non-temporal stores. The fence that makes the first
   // flog half durable also orders these, before the second half (the sequence number) is stored.
   uint32_t block = lane.free;
-  rtt_wait(block);
+  rtt_wait(&block, 1);
   copy_in(block, iov, iovcnt);
 
   Stripe& s = stripe(premap);
@@ -501,77 +524,114 @@ Status Arena::write_direct(uint32_t premap, const iovec* iov, int iovcnt) {
   return Status::ok();
 }
 
-uint32_t Arena::take_lane() {
+uint32_t Arena::take_lanes(uint32_t* out, uint32_t want) {
   std::unique_lock lock(avail_mu_);
   while (avail_.empty()) {
-    if (btt_.failed()) return kNoLane;
+    if (btt_.failed()) return 0;
     // Every lane holds an uncommitted update: commit them to get their old blocks back.
     lock.unlock();
     btt_.commit({});
     lock.lock();
+    ++lane_waiters_;
     avail_cv_.wait(lock, [this] { return !avail_.empty() || btt_.failed(); });
+    --lane_waiters_;
   }
-  uint32_t li = avail_.back();
-  avail_.pop_back();
-  lanes_[li].state = LaneState::pending;  // owned by this writer; not yet in the overlay
-  lanes_[li].lba = kNoLane;
+  const std::size_t before = avail_.size();
+  const uint32_t got = uint32_t(std::min<std::size_t>(want, before));
+  for (uint32_t i = 0; i < got; ++i) {
+    uint32_t li = avail_.back();
+    avail_.pop_back();
+    lanes_[li].state = LaneState::pending;  // owned by this writer; not yet in the overlay
+    lanes_[li].lba = kNoLane;
+    out[i] = li;
+  }
   // Half the lanes in use: commit them now, in the background, so that writers go on with the
   // other half while the device flushes instead of all waiting for it when none is left.
-  bool low = avail_.size() == g_.nfree / 2;
+  bool low = before > g_.nfree / 2 && avail_.size() <= g_.nfree / 2;
   lock.unlock();
   if (low) btt_.commit_ahead();
-  return li;
+  return got;
 }
 
-Status Arena::write_epoch(uint32_t premap, const iovec* iov, int iovcnt) {
-  uint32_t li = take_lane();
-  if (li == kNoLane) return Status(EIO, "BTT is read-only after a failed flush");
-  Lane& lane = lanes_[li];
-  // The data goes into the lane's free block; nothing on media points at it until the epoch
-  // commits, after a flush has made it durable.
-  rtt_wait(lane.free);
-  copy_in(lane.free, iov, iovcnt);
-  region_.persist(data_off(lane.free), g_.external_lbasize);
-  uint64_t data_hash =
-      intent_off_ ? xxhash64(region_.at(data_off(lane.free)), g_.external_lbasize) : 0;
-
-  Stripe& s = stripe(premap);
-  std::lock_guard map_lock(s.mu);
-  std::lock_guard avail_lock(avail_mu_);
-  if (s.pins.count(premap) != 0) {
-    Lookup pinned = lookup(premap, s);
-    region_.write(data_off(pinned.block), region_.at(data_off(lane.free)), g_.external_lbasize);
-    region_.persist(data_off(pinned.block), g_.external_lbasize);
-    lane.state = LaneState::available;
-    avail_.push_back(li);
-    avail_cv_.notify_one();
-    in_place_.fetch_add(1, std::memory_order_relaxed);
-    return Status::ok();
-  }
-  uint32_t overtaken = s.overlay_set(premap, li);
-  lane.lba = premap;
-  published_.push_back(li);
-  // In the mapping before the write is acknowledged: a killed process leaves it in the page
-  // cache, and recovery finishes the write from it.
-  if (intent_off_) {
-    IntentRecord r{};
-    r.magic = kIntentRecordMagic;
-    r.lba = premap;
-    r.block = lane.free;
-    r.epoch = epoch_;
-    r.seq = intent_seq_.fetch_add(1, std::memory_order_relaxed);
-    r.data_hash = data_hash;
-    r.checksum = xxhash64(&r, offsetof(IntentRecord, checksum));
-    region_.write(intent_record_off(li), &r, sizeof r);
-    region_.persist(intent_record_off(li), sizeof r);
-  }
-  // Rewritten in the same epoch: the earlier lane's block was never committed, so it is still
-  // that lane's free block and the lane can take another write. Its record goes after ours is
-  // written, so that a kill in between still finds one of the two.
-  if (overtaken != kNoLane && lanes_[overtaken].state == LaneState::pending) {
-    release_pending(overtaken);
+Status Arena::write_epoch(const uint32_t* premaps, const iovec* const* iovs, const int* iovcnts,
+                          uint32_t n) {
+  while (n > 0) {
+    uint32_t lanes[kMaxBatch];
+    const uint32_t got = take_lanes(lanes, std::min(n, kMaxBatch));
+    if (got == 0) return Status(EIO, "BTT is read-only after a failed flush");
+    // The data goes into the lanes' free blocks; nothing on media points at them until the
+    // epoch commits, after a flush has made them durable.
+    uint32_t blocks[kMaxBatch];
+    uint64_t hashes[kMaxBatch] = {};
+    for (uint32_t i = 0; i < got; ++i) blocks[i] = lanes_[lanes[i]].free;
+    rtt_wait(blocks, got);
+    for (uint32_t i = 0; i < got; ++i) {
+      copy_in(blocks[i], iovs[i], iovcnts[i]);
+      region_.persist(data_off(blocks[i]), g_.external_lbasize);
+      if (intent_off_) hashes[i] = xxhash64(region_.at(data_off(blocks[i])), g_.external_lbasize);
+    }
+    publish(premaps, lanes, hashes, got);
+    premaps += got;
+    iovs += got;
+    iovcnts += got;
+    n -= got;
   }
   return Status::ok();
+}
+
+void Arena::publish(const uint32_t* premaps, const uint32_t* lanes, const uint64_t* hashes,
+                    uint32_t n) {
+  // Every stripe the updates fall in, locked in address order (no other path holds two), then
+  // avail_mu_ once for all of them.
+  Stripe* stripes[kMaxBatch];
+  for (uint32_t i = 0; i < n; ++i) stripes[i] = &stripe(premaps[i]);
+  std::sort(stripes, stripes + n);
+  Stripe** stripes_end = std::unique(stripes, stripes + n);
+  for (Stripe** s = stripes; s != stripes_end; ++s) (*s)->mu.lock();
+  {
+    std::lock_guard avail_lock(avail_mu_);
+    for (uint32_t i = 0; i < n; ++i) {
+      const uint32_t premap = premaps[i];
+      const uint32_t li = lanes[i];
+      Lane& lane = lanes_[li];
+      Stripe& s = stripe(premap);
+      if (s.pins.count(premap) != 0) {
+        // Pinned while the data was copied: it belongs in the pinned block; the lane stays free.
+        Lookup pinned = lookup(premap, s);
+        region_.write(data_off(pinned.block), region_.at(data_off(lane.free)), g_.external_lbasize);
+        region_.persist(data_off(pinned.block), g_.external_lbasize);
+        lane.state = LaneState::available;
+        avail_.push_back(li);
+        if (lane_waiters_ != 0) avail_cv_.notify_one();
+        in_place_.fetch_add(1, std::memory_order_relaxed);
+        continue;
+      }
+      uint32_t overtaken = s.overlay_set(premap, li);
+      lane.lba = premap;
+      published_.push_back(li);
+      // In the mapping before the write is acknowledged: a killed process leaves it in the page
+      // cache, and recovery finishes the write from it.
+      if (intent_off_) {
+        IntentRecord r{};
+        r.magic = kIntentRecordMagic;
+        r.lba = premap;
+        r.block = lane.free;
+        r.epoch = epoch_;
+        r.seq = intent_seq_.fetch_add(1, std::memory_order_relaxed);
+        r.data_hash = hashes[i];
+        r.checksum = xxhash64(&r, offsetof(IntentRecord, checksum));
+        region_.write(intent_record_off(li), &r, sizeof r);
+        region_.persist(intent_record_off(li), sizeof r);
+      }
+      // Rewritten in the same epoch: the earlier lane's block was never committed, so it is
+      // still that lane's free block and the lane can take another write. Its record goes after
+      // ours is written, so that a kill in between still finds one of the two.
+      if (overtaken != kNoLane && lanes_[overtaken].state == LaneState::pending) {
+        release_pending(overtaken);
+      }
+    }
+  }
+  for (Stripe** s = stripes; s != stripes_end; ++s) (*s)->mu.unlock();
 }
 
 void Arena::release_pending(uint32_t li) {
@@ -589,7 +649,7 @@ void Arena::release_pending(uint32_t li) {
     region_.persist(intent_record_off(li), sizeof(IntentRecord));
   }
   avail_.push_back(li);
-  avail_cv_.notify_one();
+  if (lane_waiters_ != 0) avail_cv_.notify_one();
 }
 
 Status Arena::mark(uint32_t premap, uint32_t flag) {
@@ -658,7 +718,9 @@ Status Arena::pin(uint32_t premap) {
     }
     // A zero or bad sector has no block of its own yet: give it one, full of zeros.
     iovec zero{const_cast<std::byte*>(kZeros), g_.external_lbasize};
-    Status s = writeback_ ? write_epoch(premap, &zero, 1) : write_direct(premap, &zero, 1);
+    const iovec* zeros = &zero;
+    const int one = 1;
+    Status s = writeback_ ? write_epoch(&premap, &zeros, &one, 1) : write_direct(premap, &zero, 1);
     if (!s) return s;
   }
   return Status(EAGAIN, str("LBA %u keeps changing; cannot pin it", premap));

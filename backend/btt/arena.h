@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "btt/layout.h"
+#include "vpmfs/adaptive_mutex.h"
 #include "vpmfs/btt.h"
 #include "vpmfs/region.h"
 
@@ -76,6 +77,11 @@ class Arena {
   BttArenaInfo info() const;
 
   Status write(uint32_t premap, const iovec* iov, int iovcnt);
+  // Sector i of data to premaps[i], for i < n <= kMaxBatch; each sector is atomic on its own.
+  // On a writeback region the sectors share one lane take, one read-tracking scan and one
+  // publish (stripe locks, then avail_mu_) instead of one of each per sector.
+  static constexpr uint32_t kMaxBatch = 16;
+  Status write_batch(const uint32_t* premaps, uint32_t n, const std::byte* data);
   Status read(uint32_t premap, void* data);
   Result<Btt::ReadRef> read_ref(uint32_t premap);
   // kMapZero or kMapError. EAGAIN: an update of the sector that a sync promised, or one in the
@@ -196,14 +202,21 @@ class Arena {
   void map_write(uint32_t premap, uint32_t entry);
 
   std::atomic<uint32_t>* rtt_claim();
-  void rtt_wait(uint32_t block) const;
+  // Waits until no reader is copying any of the n blocks.
+  void rtt_wait(const uint32_t* blocks, uint32_t n) const;
   // Publishes the block premap resolves to in slot, re-checking the map until stable.
   Result<Lookup> track(uint32_t premap, std::atomic<uint32_t>* slot);
 
   Status write_direct(uint32_t premap, const iovec* iov, int iovcnt);
-  Status write_epoch(uint32_t premap, const iovec* iov, int iovcnt);
+  // Sector i from iovs[i] (one iovec array of iovcnts[i] entries each) to premaps[i], i < n.
+  Status write_epoch(const uint32_t* premaps, const iovec* const* iovs, const int* iovcnts,
+                     uint32_t n);
+  // Publishes the updates whose data lanes[i] holds (hashes[i]: its hash for the intent record).
+  void publish(const uint32_t* premaps, const uint32_t* lanes, const uint64_t* hashes, uint32_t n);
   Status write_in_place(uint32_t premap, const iovec* iov, int iovcnt);
-  uint32_t take_lane();
+  // Takes up to `want` available lanes (at least one, waiting for a commit if none is left)
+  // into out; 0 after a failed flush.
+  uint32_t take_lanes(uint32_t* out, uint32_t want);
 
   Btt& btt_;
   Region& region_;
@@ -218,8 +231,9 @@ class Arena {
   std::atomic<uint32_t> pinned_count_{0};
 
   // Writeback: lanes free for a new write. Lock order: stripe mu before avail_mu_.
-  std::mutex avail_mu_;
-  std::condition_variable avail_cv_;
+  AdaptiveMutex avail_mu_;
+  std::condition_variable_any avail_cv_;
+  uint32_t lane_waiters_ = 0;  // writers waiting on avail_cv_ (avail_mu_)
   std::vector<uint32_t> avail_;
   std::vector<uint32_t> published_;     // lanes whose update joined the open epoch
   std::size_t held_through_ = 0;        // published_[0, this) were seen by hold_published

@@ -197,6 +197,29 @@ Status Btt::writev(uint64_t lba, const iovec* iov, int iovcnt) {
   return at->arena->write(at->premap, iov, iovcnt);
 }
 
+Status Btt::write_sectors(const uint64_t* lbas, std::size_t n, const std::byte* data) {
+  if (n == 0) return Status::ok();
+  if (region_->read_only()) return Status(EROFS, "image is read-only");
+  if (failed()) return Status(EIO, "BTT is read-only after a failed flush");
+  while (n > 0) {
+    // A run of up to kMaxBatch sectors in one arena.
+    auto at = locate(lbas[0]);
+    if (!at) return at.status();
+    uint32_t premaps[Arena::kMaxBatch];
+    uint32_t m = 0;
+    do {
+      premaps[m] = uint32_t(lbas[m] - at->arena->first_lba());
+      ++m;
+    } while (m < n && m < Arena::kMaxBatch && lbas[m] >= at->arena->first_lba() &&
+             lbas[m] - at->arena->first_lba() < at->arena->external_nlba());
+    if (Status s = at->arena->write_batch(premaps, m, data); !s) return s;
+    lbas += m;
+    n -= m;
+    data += std::size_t(m) * sector_size_;
+  }
+  return Status::ok();
+}
+
 Status Btt::read(uint64_t lba, void* data) {
   auto at = locate(lba);
   if (!at) return at.status();

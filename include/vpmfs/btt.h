@@ -117,6 +117,10 @@ class Btt {
   Status write(uint64_t lba, const void* data);
   // Gathers the sector from iovecs straight into the free block: the only copy.
   Status writev(uint64_t lba, const iovec* iov, int iovcnt);
+  // Sector i of data (n * sector_size() bytes) to lbas[i]: each sector atomic on its own, as n
+  // calls of write() would leave them, but cheaper (the writes share the BTT's locks). On an
+  // error some sectors may have been written.
+  Status write_sectors(const uint64_t* lbas, std::size_t n, const std::byte* data);
   Status read(uint64_t lba, void* data);
   // Marks the sector as zero (the map's Z flag): no data is written.
   Status trim(uint64_t lba);
