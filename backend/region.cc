@@ -204,6 +204,13 @@ Result<std::unique_ptr<Region>> Region::open(const std::string& path,
   region->mode_ = mode;
   region->store_by_write_ = mode == PersistMode::writeback && !region->devdax_ &&
                             !options.read_only && region->backend_name_ != "tmpfs";
+  if (options.lock_memory && !options.read_only && backend == "tmpfs") {
+    // Whole image: only the pages touched from here on are locked, as they are touched.
+    region->memory_ = ::mlock2(base, size, MLOCK_ONFAULT) == 0
+                          ? "locked as touched"
+                          : std::string("not locked: mlock2: ") + std::strerror(errno) +
+                                " (raise RLIMIT_MEMLOCK, or mount with nomlock)";
+  }
   auto channel = FlushChannel::create(region.get());
   if (!channel) return channel.status();
   region->channel_ = std::move(channel.value());

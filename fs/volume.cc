@@ -223,6 +223,7 @@ Status VolumeImpl::load(const std::string& image, const MountOptions& o) {
   ro.force_persistent = o.force_persistent;
   ro.read_only = o.read_only;
   ro.lock_wait_ms = o.lock_wait_ms;
+  ro.lock_memory = o.lock_memory;
   read_only_ = o.read_only;
   atime_ = o.atime;
   commit_interval_ms_ = std::max<uint32_t>(o.commit_interval_ms, 1);

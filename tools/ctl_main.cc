@@ -535,6 +535,9 @@ int cmd_status(const std::string& mountpoint, bool json) {
               {"dax", member(status, "dax")},
               {"state", state},
               {"last error", last_error.empty() ? "none" : last_error}};
+  if (std::string memory = member(status, "memory"); !memory.empty() && memory != "?") {
+    f.emplace_back("image memory", memory);
+  }
   if (flag(status, "writeback_cache")) {
     f.emplace_back("write cache",
                    "the kernel's write-back cache (a killed daemon loses writes "

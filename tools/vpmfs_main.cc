@@ -48,6 +48,9 @@ constexpr const char* kOptionsHelp = R"(Mount options (-o, comma separated):
   writeback_cache     the kernel's write-back cache: faster small writes, but writes are
                       acknowledged before vpmfs has them, so a killed daemon can lose
                       acknowledged writes (fsync still makes them durable)
+  mlock, nomlock      an image on tmpfs: lock its pages in memory as they are first touched,
+                      so that reclaim never unmaps them (mlock, the default), or leave them to
+                      reclaim and swap (nomlock)
   test_faults         testing only: SIGUSR1 makes every later device flush fail with EIO
   record=PATH         write a crash trace of every store and flush of this mount to PATH
                       (vpmfs-crash(8) reads it)
@@ -209,7 +212,8 @@ int main(int argc, char** argv) {
   std::string what = "mounted " + options.image + " on " + options.mountpoint +
                      (ro ? " (ro)" : "") + ": persistence " + vpmfs::to_string(v.mode()) + " (" +
                      region.mode_reason() + "), dax=" + vpmfs::to_string(options.dax) +
-                     ", commit=" + std::to_string(options.volume.commit_interval_ms / 1000) + "s";
+                     ", commit=" + std::to_string(options.volume.commit_interval_ms / 1000) + "s" +
+                     (region.memory().empty() ? "" : ", image memory " + region.memory());
   if (options.test_faults) {
     std::thread([&region, usr1] {
       int sig = 0;

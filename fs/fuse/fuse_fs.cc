@@ -437,6 +437,7 @@ std::string status_json(Daemon& d) {
   j["image"] = d.options.image;
   j["block_size"] = d.volume.block_size();
   j["map_sync"] = r.map_sync();
+  j["memory"] = r.memory();
   j["dax_shared_mmap"] = g_allow_mmap.load();  // FUSE_DIRECT_IO_ALLOW_MMAP was agreed
   j["writeback_cache"] = g_writeback_cache.load();
   j["commits"] = {{"commits", h.commits},

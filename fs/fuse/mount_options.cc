@@ -149,6 +149,9 @@ Status apply_mount_options(std::string_view list, DaemonOptions& o) {
     } else if (name == "force_persistent") {
       if (Status s = flag(); !s) return s;
       o.volume.force_persistent = true;
+    } else if (name == "mlock" || name == "nomlock") {
+      if (Status s = flag(); !s) return s;
+      o.volume.lock_memory = name == "mlock";
     } else if (name == "writeback_cache" || name == "no_writeback_cache") {
       if (Status s = flag(); !s) return s;
       o.writeback_cache = name == "writeback_cache";

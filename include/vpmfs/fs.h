@@ -51,6 +51,9 @@ struct MountOptions {
   uint32_t commit_interval_ms = 5000;
   // Wait this long for the image lock (RegionOptions::lock_wait_ms).
   uint32_t lock_wait_ms = 0;
+  // Lock an image on tmpfs in memory as its pages are touched (RegionOptions::lock_memory; the
+  // mlock and nomlock mount options).
+  bool lock_memory = true;
   // Access times: updated on read and readdir when older than the modification or change time
   // or a day old (relatime, the default), never (noatime), or always (strictatime).
   enum class Atime { relatime, noatime, strictatime } atime = Atime::relatime;

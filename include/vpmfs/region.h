@@ -43,6 +43,12 @@ struct RegionOptions {
   uint32_t lock_wait_ms = 0;
   // Non-zero: create the image (sparse) with this size if it does not exist or is empty.
   uint64_t create_size = 0;
+  // A writable image on tmpfs: lock its pages in memory as they are first touched (mlock2,
+  // MLOCK_ONFAULT; nothing is populated ahead). Reclaim (proactive reclaim such as DAMON's
+  // pageout, or swap) otherwise unmaps the pages it finds cold: without swap that frees nothing,
+  // and the next store to each such page takes a fault, as pmem never does. Best effort: when
+  // the lock is refused (RLIMIT_MEMLOCK) the region works as without it, and memory() says so.
+  bool lock_memory = false;
 };
 
 // What the crash simulator sees. store() must perform the store on the region itself, so that
@@ -84,6 +90,9 @@ class Region {
   // write(), write_nt() and zero() store with pwrite() into the image file rather than
   // through the mapping (a writeback image on a filesystem that writes back its page cache).
   bool stores_by_write() const { return store_by_write_; }
+  // What RegionOptions::lock_memory did, for logs and status: "locked as touched", or why not
+  // ("not locked: ..."); empty when it was not asked for or does not apply (not tmpfs).
+  const std::string& memory() const { return memory_; }
 
   std::byte* at(uint64_t off) const { return base_ + off; }
   bool contains(uint64_t off, uint64_t len) const { return off <= size_ && len <= size_ - off; }
@@ -159,6 +168,7 @@ class Region {
   bool store_by_write_ = false;
   std::string mode_reason_;
   std::string backend_name_;
+  std::string memory_;
   // Set by persist() in writeback mode, taken by the flush channel when a device flush begins.
   std::atomic<bool> dirty_{false};
   RegionObserver* observer_ = nullptr;

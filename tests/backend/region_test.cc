@@ -5,8 +5,10 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <cctype>
 #include <cstring>
 #include <fstream>
+#include <utility>
 #include <vector>
 
 #include <gmock/gmock.h>
@@ -55,6 +57,69 @@ TEST(Region, DetectsWritebackOnDiskFilesystem) {
   ASSERT_TRUE(r) << r.status().to_string();
   EXPECT_EQ((*r)->mode(), PersistMode::writeback);
   EXPECT_THAT((*r)->mode_reason(), HasSubstr("MAP_SYNC not supported by"));
+}
+
+// The VmFlags and Locked lines of /proc/self/smaps for the mapping that starts at base.
+std::pair<std::string, uint64_t> mapping_lock(const void* base) {
+  std::ifstream smaps("/proc/self/smaps");
+  char start[32];
+  std::snprintf(start, sizeof start, "%lx-", reinterpret_cast<unsigned long>(base));
+  std::string line;
+  bool in = false;
+  std::string flags;
+  uint64_t locked_kb = 0;
+  while (std::getline(smaps, line)) {
+    if (!line.empty() && std::isxdigit(static_cast<unsigned char>(line[0])) &&
+        line.find(' ') > line.find('-')) {
+      if (in) break;
+      in = line.rfind(start, 0) == 0;
+    } else if (in && line.rfind("VmFlags:", 0) == 0) {
+      flags = line.substr(8);
+    } else if (in && line.rfind("Locked:", 0) == 0) {
+      locked_kb = std::stoull(line.substr(7));
+    }
+  }
+  return {flags, locked_kb};
+}
+
+bool has_flag(const std::string& flags, const char* flag) {
+  return (" " + flags + " ").find(std::string(" ") + flag + " ") != std::string::npos;
+}
+
+// An image on tmpfs is locked as its pages are touched (so reclaim never unmaps them), and only
+// those pages: nothing is populated ahead, and a sparse image stays sparse. Elsewhere, or when
+// not asked for, nothing is locked.
+TEST(Region, LocksATmpfsImageAsItsPagesAreTouched) {
+  TempPath path("locked.img", "/dev/shm");
+  RegionOptions o = create(64 << 20);
+  o.lock_memory = true;
+  auto r = Region::open(path, o);
+  ASSERT_TRUE(r) << r.status().to_string();
+  Region& region = **r;
+  ASSERT_EQ(region.memory(), "locked as touched") << "is RLIMIT_MEMLOCK too small?";
+  auto [flags, locked_kb] = mapping_lock(region.base());
+  EXPECT_TRUE(has_flag(flags, "lo")) << flags;  // VM_LOCKED
+  EXPECT_TRUE(has_flag(flags, "lf")) << flags;  // VM_LOCKONFAULT: populated as touched only
+  EXPECT_EQ(locked_kb, 0u);
+  for (uint64_t page = 0; page < 3; ++page) region.write(page * 4096 * 100, "x", 1);
+  EXPECT_EQ(mapping_lock(region.base()).second, 12u);
+  struct stat st {};
+  ASSERT_EQ(::stat(path.str().c_str(), &st), 0);
+  EXPECT_LE(uint64_t(st.st_blocks) * 512, 64u << 10) << "the image was filled in";
+
+  TempPath unlocked_path("unlocked.img", "/dev/shm");
+  auto unlocked = Region::open(unlocked_path, create());  // lock_memory not asked for
+  ASSERT_TRUE(unlocked) << unlocked.status().to_string();
+  EXPECT_EQ((*unlocked)->memory(), "");
+  EXPECT_FALSE(has_flag(mapping_lock((*unlocked)->base()).first, "lo"));
+
+  TempPath disk_path("disk-unlocked.img", "/var/tmp");
+  auto disk = Region::open(disk_path, o);
+  ASSERT_TRUE(disk) << disk.status().to_string();
+  if ((*disk)->backend_name() != "tmpfs") {
+    EXPECT_EQ((*disk)->memory(), "");
+    EXPECT_FALSE(has_flag(mapping_lock((*disk)->base()).first, "lo"));
+  }
 }
 
 // On a disk filesystem the stores of a writeback image go through pwrite() (a flush there

@@ -16,6 +16,7 @@ TEST(MountOptions, Defaults) {
   EXPECT_FALSE(o.volume.read_only);
   EXPECT_EQ(o.volume.commit_interval_ms, 5000u);
   EXPECT_FALSE(o.writeback_cache);
+  EXPECT_TRUE(o.volume.lock_memory);
   o.image = "/img";
   EXPECT_EQ(fuse_mount_options(o), "fsname=/img,subtype=vpmfs,default_permissions");
 }
@@ -57,6 +58,11 @@ TEST(MountOptions, VpmfsOptions) {
   ASSERT_TRUE(apply_mount_options("no_writeback_cache", o));
   EXPECT_FALSE(o.writeback_cache);
   EXPECT_FALSE(apply_mount_options("writeback_cache=1", o));
+  ASSERT_TRUE(apply_mount_options("nomlock", o));
+  EXPECT_FALSE(o.volume.lock_memory);
+  ASSERT_TRUE(apply_mount_options("mlock", o));
+  EXPECT_TRUE(o.volume.lock_memory);
+  EXPECT_FALSE(apply_mount_options("mlock=yes", o));
   ASSERT_TRUE(apply_mount_options("dax", o));
   EXPECT_EQ(o.dax, DaxPolicy::always);
 }

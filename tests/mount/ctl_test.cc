@@ -612,12 +612,28 @@ TEST(Ctl, StatusOfAWritebackMount) {
   EXPECT_GE(s["flush"]["device_flushes"].get<uint64_t>(), 1u);
   EXPECT_EQ(s["flush"]["failed_flushes"], 0);
   EXPECT_EQ(s["writeback_cache"], false);
+  // An image on tmpfs is locked in memory as it is touched (-o mlock, the default).
+  const bool tmpfs = s["mode_reason"].get<std::string>().find("tmpfs") != std::string::npos;
+  EXPECT_EQ(s["memory"], tmpfs ? "locked as touched" : "") << s["mode_reason"];
   EXPECT_GE(s["commits"]["commits"].get<uint64_t>(), 1u);
   EXPECT_GE(s["commits"]["syncs"].get<uint64_t>(), 1u) << "the fsync was answered by a commit";
   r = ctl({"status", m.dir()});
   ASSERT_EQ(r.rc, 0) << r.err;
   EXPECT_TRUE(has(r.out, "MAP_SYNC refused")) << r.out;
   EXPECT_TRUE(has(r.out, "fsyncs,")) << r.out;
+  EXPECT_EQ(has(r.out, "image memory:   locked as touched"), tmpfs) << r.out;
+}
+
+// needs daemon side: -o nomlock leaves an image on tmpfs to reclaim, and status says nothing.
+TEST(Ctl, StatusOfANomlockMount) {
+  Mount m("ctl-status-nomlock", {"sync_dax=writeback", "nomlock"});
+  ASSERT_TRUE(m.mounted());
+  CtlRun r = ctl({"status", m.dir(), "--json"});
+  ASSERT_EQ(r.rc, 0) << r.err;
+  EXPECT_EQ(parse(r)["memory"], "");
+  r = ctl({"status", m.dir()});
+  ASSERT_EQ(r.rc, 0) << r.err;
+  EXPECT_FALSE(has(r.out, "image memory")) << r.out;
 }
 
 // Concurrent fsyncs through the mount: a FUSE worker never sleeps on another thread's commit;
