@@ -283,7 +283,14 @@ CutRecording record_cuts(const std::string& path, PersistMode mode, uint64_t see
   EXPECT_TRUE(big && gone);
   EXPECT_TRUE(v->write(big->ino, 0, rec.big.data(), rec.big.size()));
   EXPECT_TRUE(v->write(gone->ino, 0, rec.gone.data(), rec.gone.size()));
+  // Mounted again before recording: the recorder copies the image and then sees every store,
+  // so nothing may store in between, and in writeback mode sync_wait can return while a BTT
+  // commit that the writes started is still storing map entries on the flush channel's thread
+  // (a map entry stored between the copy and the attach would be in neither). An unmount
+  // finishes every commit and stops every thread.
   EXPECT_TRUE(v->sync_wait());
+  v.reset();
+  v = std::move(Volume::mount(path, mo).value());
   rec.recorder = std::make_unique<CrashRecorder>(v->region());
   SetAttr c;
   c.size = rec.cut_to;
