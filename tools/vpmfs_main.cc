@@ -43,7 +43,7 @@ constexpr const char* kOptionsHelp = R"(Mount options (-o, comma separated):
   force_persistent    treat the image's memory as persistent even without MAP_SYNC
                       (a stand-in for real pmem, for testing)
   fsname=NAME         source name shown in /proc/mounts (default: the image path)
-  max_threads=N       FUSE worker threads (default 16)
+  max_threads=N       FUSE worker threads (default twice the CPUs, 4 to 16)
   max_write=BYTES     largest FUSE write request (default 1048576)
   writeback_cache     the kernel's write-back cache: faster small writes, but writes are
                       acknowledged before vpmfs has them, so a killed daemon can lose

@@ -1,10 +1,18 @@
 #include "mount_options.h"
 
+#include <unistd.h>
+
+#include <algorithm>
 #include <array>
 #include <charconv>
 #include <optional>
 
 namespace vpmfs {
+
+unsigned default_max_threads() {
+  long cpus = ::sysconf(_SC_NPROCESSORS_ONLN);
+  return unsigned(std::clamp<long>(2 * cpus, 4, 16));
+}
 
 const char* to_string(DaxPolicy policy) {
   switch (policy) {

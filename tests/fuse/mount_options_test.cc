@@ -1,6 +1,8 @@
 // The -o parser of the vpmfs daemon: what mount(8), mount.fuse3, fstab and xfstests pass.
 #include "fuse/mount_options.h"
 
+#include <unistd.h>
+
 #include <gtest/gtest.h>
 
 namespace vpmfs {
@@ -17,6 +19,9 @@ TEST(MountOptions, Defaults) {
   EXPECT_EQ(o.volume.commit_interval_ms, 5000u);
   EXPECT_FALSE(o.writeback_cache);
   EXPECT_TRUE(o.volume.lock_memory);
+  // Twice the CPUs, 4 to 16.
+  const long cpus = ::sysconf(_SC_NPROCESSORS_ONLN);
+  EXPECT_EQ(o.max_threads, cpus <= 2 ? 4u : cpus >= 8 ? 16u : unsigned(2 * cpus));
   o.image = "/img";
   EXPECT_EQ(fuse_mount_options(o), "fsname=/img,subtype=vpmfs,default_permissions");
 }
@@ -63,6 +68,9 @@ TEST(MountOptions, VpmfsOptions) {
   ASSERT_TRUE(apply_mount_options("mlock", o));
   EXPECT_TRUE(o.volume.lock_memory);
   EXPECT_FALSE(apply_mount_options("mlock=yes", o));
+  ASSERT_TRUE(apply_mount_options("max_threads=8", o));
+  EXPECT_EQ(o.max_threads, 8u);
+  EXPECT_FALSE(apply_mount_options("max_threads=0", o));
   ASSERT_TRUE(apply_mount_options("dax", o));
   EXPECT_EQ(o.dax, DaxPolicy::always);
 }
