@@ -10,6 +10,8 @@
 #include <unistd.h>
 
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <string>
@@ -37,11 +39,23 @@ struct Template {
   BttArenaInfo arena;
 };
 
+std::string scratch_path() {
+  return "/dev/shm/vpmfs-fuzz-" + std::to_string(getpid()) + ".img";
+}
+
+// libFuzzer ends the run with exit(): the scratch image and case file go with it, rather than
+// staying in /dev/shm (32 MiB of memory) after every test run.
+void remove_scratch() {
+  std::remove(scratch_path().c_str());
+  std::remove((scratch_path() + ".case").c_str());
+}
+
 const Template& image_template() {
   static Template t = [] {
     Template t;
-    t.path = "/dev/shm/vpmfs-fuzz-" + std::to_string(getpid()) + ".img";
+    t.path = scratch_path();
     std::remove(t.path.c_str());
+    std::atexit(remove_scratch);
     RegionOptions ro;
     ro.create_size = kSize;
     ro.mode = PersistMode::writeback;
