@@ -551,9 +551,16 @@ int cmd_status(const std::string& mountpoint, bool json) {
   if (status.contains("flush") && status["flush"].is_object()) {
     const Json& fl = status["flush"];
     f.emplace_back("flush requests", member(fl, "requests"));
-    f.emplace_back("device flushes", member(fl, "device_flushes") + " (" +
-                                         member(fl, "requests_per_flush") + " requests per flush)");
+    f.emplace_back("device flushes",
+                   member(fl, "device_flushes") + " (" + member(fl, "requests_per_flush") +
+                       " requests per flush, " + member(fl, "flush_us") + " us each)");
+    f.emplace_back("clean batches", member(fl, "clean_batches") + " (nothing to flush)");
     f.emplace_back("failed flushes", member(fl, "failed_flushes"));
+  }
+  if (status.contains("btt") && status["btt"].is_object()) {
+    const Json& b = status["btt"];
+    f.emplace_back("BTT epochs", member(b, "epochs") + " (" + member(b, "sectors_per_epoch") +
+                                     " sectors per epoch)");
   }
   print_fields(f);
   return 0;

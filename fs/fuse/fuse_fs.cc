@@ -419,6 +419,11 @@ bool is_status_name(fuse_ino_t ino, std::string_view name) {
   return ino == FUSE_ROOT_ID && name.substr(0, kStatusPrefix.size()) == kStatusPrefix;
 }
 
+// A mean for the status: 0 when nothing was counted.
+double per(double total, uint64_t count) {
+  return count == 0 ? 0.0 : total / double(count);
+}
+
 // The persistence status as `vpmfs-ctl status` shows it (README, "vpmfs-ctl").
 std::string status_json(Daemon& d) {
   Region& r = d.volume.region();
@@ -442,11 +447,15 @@ std::string status_json(Daemon& d) {
   j["writeback_cache"] = g_writeback_cache.load();
   j["commits"] = {{"commits", h.commits},
                   {"syncs", h.syncs},
-                  {"syncs_per_commit", h.commits == 0 ? 0.0 : double(h.syncs) / double(h.commits)}};
+                  {"syncs_per_commit", per(double(h.syncs), h.commits)}};
   j["flush"] = {{"requests", f.requests},
                 {"device_flushes", f.device_flushes},
                 {"requests_per_flush", f.requests_per_flush()},
+                {"flush_us", per(f.flush_ns / 1000.0, f.device_flushes)},
+                {"clean_batches", f.clean_batches},
                 {"failed_flushes", f.failed_flushes}};
+  j["btt"] = {{"epochs", h.btt_epochs},
+              {"sectors_per_epoch", per(double(h.btt_epoch_sectors), h.btt_epochs)}};
   return j.dump();
 }
 

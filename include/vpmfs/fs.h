@@ -260,10 +260,12 @@ class Volume {
   virtual Result<Attr> set_xflags(uint64_t ino, uint32_t xflags) = 0;
   // Whether the volume still takes changes, and if not, why.
   struct Health {
-    bool read_only = false;  // mounted read-only, or turned read-only by an error
-    std::string error;       // the error that turned it read-only; empty if none
-    uint64_t commits = 0;    // journal commits run (periodic ones and those sync asked for)
-    uint64_t syncs = 0;      // sync requests (fsync, fsyncdir, sync_wait) they answered
+    bool read_only = false;          // mounted read-only, or turned read-only by an error
+    std::string error;               // the error that turned it read-only; empty if none
+    uint64_t commits = 0;            // journal commits run (periodic ones and those sync asked for)
+    uint64_t syncs = 0;              // sync requests (fsync, fsyncdir, sync_wait) they answered
+    uint64_t btt_epochs = 0;         // BTT epochs committed (writeback: flog + map updates)
+    uint64_t btt_epoch_sectors = 0;  // sector updates those epochs committed
   };
   virtual Health health() = 0;
 };

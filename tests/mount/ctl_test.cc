@@ -603,13 +603,21 @@ TEST(Ctl, StatusOfAWritebackMount) {
   ASSERT_TRUE(m.mounted());
   int fd = ::open(m.path("f").c_str(), O_WRONLY | O_CREAT, 0644);
   ASSERT_GE(fd, 0);
-  ASSERT_EQ(::write(fd, "abc", 3), 3);
+  // 2 MiB in 4 KiB writes: 512 sector updates, more than half the 256 lanes of a 64 MiB image,
+  // so at least one BTT epoch commits.
+  std::vector<char> block(4096, 'v');
+  for (int i = 0; i < 512; ++i) ASSERT_EQ(::write(fd, block.data(), block.size()), 4096);
   ASSERT_EQ(::fsync(fd), 0);
   ::close(fd);
   CtlRun r = ctl({"status", m.dir(), "--json"});
   ASSERT_EQ(r.rc, 0) << r.err;
   Json s = parse(r);
   EXPECT_EQ(s["mode"], "writeback");
+  EXPECT_GT(s["flush"]["flush_us"].get<double>(), 0.0) << "device flushes take time";
+  EXPECT_TRUE(s["flush"]["clean_batches"].is_number_unsigned());
+  EXPECT_GE(s["btt"]["epochs"].get<uint64_t>(), 1u);
+  EXPECT_GT(s["btt"]["sectors_per_epoch"].get<double>(), 0.0);
+  EXPECT_LE(s["btt"]["sectors_per_epoch"].get<double>(), 256.0) << "at most one per lane";
   EXPECT_EQ(s["sync_dax"], "writeback");
   EXPECT_GE(s["flush"]["requests"].get<uint64_t>(), 1u);
   EXPECT_GE(s["flush"]["device_flushes"].get<uint64_t>(), 1u);
@@ -624,6 +632,8 @@ TEST(Ctl, StatusOfAWritebackMount) {
   ASSERT_EQ(r.rc, 0) << r.err;
   EXPECT_TRUE(has(r.out, "MAP_SYNC refused")) << r.out;
   EXPECT_TRUE(has(r.out, "fsyncs,")) << r.out;
+  EXPECT_TRUE(has(r.out, "us each)")) << r.out;
+  EXPECT_TRUE(has(r.out, "sectors per epoch)")) << r.out;
   EXPECT_EQ(has(r.out, "image memory:   locked as touched"), tmpfs) << r.out;
 }
 
