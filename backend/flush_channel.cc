@@ -136,6 +136,7 @@ void FlushChannel::start_flush(std::unique_lock<std::mutex>& lock) {
   // itself of an image on tmpfs.)
   int rc = 0;
   if (device_flush_) {
+    region_->unmap_for_flush();
     while ((rc = ::fdatasync(region_->fd_)) != 0 && errno == EINTR) {
     }
     if (rc != 0) rc = errno;

@@ -8,6 +8,7 @@
 #include <sys/sysmacros.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstring>
 #include <fstream>
 #include <utility>
@@ -225,6 +226,22 @@ Region::~Region() {
 
 void Region::set_observer(RegionObserver* observer) {
   observer_ = observer;
+}
+
+void Region::unmap_before_flush(uint64_t off, uint64_t len) {
+  if (!store_by_write_ || !contains(off, len) || len == 0) return;
+  const uint64_t page = uint64_t(::sysconf(_SC_PAGESIZE));
+  uint64_t start = off / page * page;
+  std::pair<uint64_t, uint64_t> range{start, off + len - start};
+  std::lock_guard lock(unmap_mu_);
+  // A BTT opened again on the same region gives its ranges again.
+  if (std::find(unmap_.begin(), unmap_.end(), range) == unmap_.end()) unmap_.push_back(range);
+}
+
+void Region::unmap_for_flush() {
+  std::lock_guard lock(unmap_mu_);
+  // Best effort: a range that cannot be dropped (locked pages, say) is written back as before.
+  for (auto [off, len] : unmap_) (void)::madvise(base_ + off, len, MADV_DONTNEED);
 }
 
 bool Region::write_file(uint64_t off, const void* src, std::size_t len) {

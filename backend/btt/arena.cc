@@ -211,7 +211,11 @@ Arena::Arena(Btt& btt, Region& region, const ArenaGeometry& g, const int log_ind
       lanes_(g.nfree),
       stripes_(std::min<uint32_t>(g.nfree, 1024)),  // lock striping, not one per lane
       rtt_(kRttSlots),
-      intent_off_(intent_off) {}
+      intent_off_(intent_off) {
+  // The map and the flog, one after the other up to the backup info block, are what the BTT
+  // stores to through the mapping (atomic 4- and 8-byte updates).
+  region_.unmap_before_flush(g_.mapoff, g_.info2off - g_.mapoff);
+}
 
 BttArenaInfo Arena::info() const {
   BttArenaInfo a;

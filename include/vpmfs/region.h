@@ -8,9 +8,12 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <string_view>
+#include <utility>
+#include <vector>
 
 #include "vpmfs/flush_channel.h"
 #include "vpmfs/status.h"
@@ -119,6 +122,14 @@ class Region {
   // happens elsewhere, nor under an observer (the crash simulator).
   void discard(uint64_t off, std::size_t len);
 
+  // A range this process stores to through the mapping, on an image that stores_by_write()
+  // (the BTT's map and flog): before each device flush its page-table entries are dropped
+  // (madvise MADV_DONTNEED; the page cache keeps the pages, dirty ones stay dirty). The flush's
+  // write-back then finds those pages unmapped: no write-protect and no TLB shootdown to the
+  // other CPUs per page, one flush of the range instead. The next access faults the page back
+  // in, as the next store did after the write-protect. Nothing happens on other regions.
+  void unmap_before_flush(uint64_t off, uint64_t len);
+
   // Write back the cache lines of a range (direct mode; nothing elsewhere).
   void flush(uint64_t off, std::size_t len);
   // Order earlier write-backs and non-temporal stores before later stores.
@@ -138,6 +149,10 @@ class Region {
  private:
   friend class FlushChannel;
   Region() = default;
+
+  // Drops the page-table entries of the unmap_before_flush() ranges (the flush channel, before
+  // each device flush).
+  void unmap_for_flush();
 
   // pwrite() of a store into the image's page cache instead of a store through the mapping;
   // false if it failed (the caller then stores through the mapping).
@@ -172,6 +187,8 @@ class Region {
   // Set by persist() in writeback mode, taken by the flush channel when a device flush begins.
   std::atomic<bool> dirty_{false};
   RegionObserver* observer_ = nullptr;
+  std::mutex unmap_mu_;                               // guards unmap_
+  std::vector<std::pair<uint64_t, uint64_t>> unmap_;  // unmap_before_flush(): offset, length
   std::unique_ptr<FlushChannel> channel_;
 };
 

@@ -167,6 +167,53 @@ TEST(Region, DiskImageStoresGoThroughTheFileAndTheMappingSeesThem) {
   EXPECT_FALSE((*reader)->stores_by_write());
 }
 
+// Whether the page holding p is in this process's page tables (/proc/self/pagemap, bit 63).
+bool page_present(const void* p) {
+  const uint64_t page = uint64_t(::sysconf(_SC_PAGESIZE));
+  int fd = ::open("/proc/self/pagemap", O_RDONLY);
+  EXPECT_GE(fd, 0);
+  uint64_t entry = 0;
+  off_t at = off_t(reinterpret_cast<uintptr_t>(p) / page * sizeof entry);
+  EXPECT_EQ(::pread(fd, &entry, sizeof entry, at), ssize_t(sizeof entry));
+  ::close(fd);
+  return (entry >> 63) != 0;
+}
+
+// An image the kernel writes back (the root disk): a range given to unmap_before_flush() leaves
+// the page tables at each device flush, its contents stay. On tmpfs nothing is dropped.
+TEST(Region, UnmapsItsStoreRangesBeforeADeviceFlush) {
+  TempPath path("unmap.img", "/var/tmp");
+  auto r = Region::open(path, create());
+  ASSERT_TRUE(r) << r.status().to_string();
+  Region& region = **r;
+  const bool drops = region.stores_by_write();  // not when /var/tmp is a tmpfs
+  region.unmap_before_flush(8192, 8192);
+  region.store64(8192 + 16, 0x0123456789abcdefull);
+  region.store64(20480, 0x1111222233334444ull);  // outside the range
+  EXPECT_TRUE(page_present(region.at(8192)));
+  region.persist(8192 + 16, 8);
+  ASSERT_TRUE(region.flush_channel().wait());
+  EXPECT_EQ(page_present(region.at(8192)), !drops) << "dropped before the flush";
+  EXPECT_TRUE(page_present(region.at(20480))) << "not in a range: left alone";
+  uint64_t word;
+  std::memcpy(&word, region.at(8192 + 16), 8);  // faults the page back in
+  EXPECT_EQ(word, 0x0123456789abcdefull);
+  int fd = ::open(path.str().c_str(), O_RDONLY);
+  ASSERT_GE(fd, 0);
+  ASSERT_EQ(::pread(fd, &word, 8, 8192 + 16), 8);
+  EXPECT_EQ(word, 0x0123456789abcdefull);
+  ::close(fd);
+
+  TempPath shm_path("unmap.img", "/dev/shm");
+  auto shm = Region::open(shm_path, create());
+  ASSERT_TRUE(shm) << shm.status().to_string();
+  (*shm)->unmap_before_flush(8192, 8192);
+  (*shm)->store64(8192, 1);
+  (*shm)->persist(8192, 8);
+  ASSERT_TRUE((*shm)->flush_channel().wait());
+  EXPECT_TRUE(page_present((*shm)->at(8192))) << "tmpfs has no write-back to spare";
+}
+
 TEST(Region, RefusesDirectWithoutDaxAndNamesTheReason) {
   TempPath path("direct.img");
   RegionOptions o = create();
