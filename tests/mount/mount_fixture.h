@@ -11,6 +11,8 @@
 
 #include <chrono>
 #include <cstdlib>
+#include <fstream>
+#include <iterator>
 #include <string>
 #include <thread>
 #include <utility>
@@ -73,8 +75,10 @@ inline std::pair<int, std::string> capture(const std::vector<std::string>& argv,
 
 class Mount {
  public:
+  // trace: the daemon runs with -d and its trace of FUSE requests goes to trace().
   explicit Mount(const std::string& name, const std::vector<std::string>& mount_opts = {},
-                 const std::string& size = "64M") {
+                 const std::string& size = "64M", bool trace = false)
+      : trace_(trace) {
     bool shm = images_on_pmem();
     base_ = std::string(shm ? "/dev/shm" : std::getenv("VPMFS_TEST_TMP")) + "/vpmfs-mnt-" +
             std::to_string(getpid()) + "-" + name;
@@ -103,8 +107,13 @@ class Mount {
   void start() {
     std::string bin = VPMFS_BIN_DIR;
     std::vector<std::string> argv = {bin + "/vpmfs", image_, dir_, "-f", "-o", opts_};
+    if (trace_) argv.push_back("-d");
     daemon_ = fork();
     if (daemon_ == 0) {
+      if (trace_) {
+        int fd = ::open(trace_path().c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
+        if (fd < 0 || ::dup2(fd, STDERR_FILENO) < 0) _exit(127);
+      }
       std::vector<char*> args;
       for (const auto& a : argv) args.push_back(const_cast<char*>(a.c_str()));
       args.push_back(nullptr);
@@ -137,6 +146,7 @@ class Mount {
     unmount();
     ::rmdir(dir_.c_str());
     ::unlink(image_.c_str());
+    ::unlink(trace_path().c_str());
   }
 
   // Unmounts, waits for the daemon, and returns fsck.vpmfs -n's exit code.
@@ -170,8 +180,16 @@ class Mount {
   const std::string& image() const { return image_; }
   bool mounted() const { return mounted_; }
   pid_t daemon() const { return daemon_; }
+  // The daemon's -d output so far (a trace mount only).
+  std::string trace() const {
+    std::ifstream in(trace_path());
+    return std::string(std::istreambuf_iterator<char>(in), {});
+  }
 
  private:
+  std::string trace_path() const { return base_ + ".trace"; }
+
+  bool trace_ = false;
   std::string base_, image_, dir_, opts_;
   pid_t daemon_ = -1;
   bool mounted_ = false;

@@ -1041,6 +1041,31 @@ TEST(PosixWritebackCache, FsyncedWritesSurviveAKilledDaemon) {
   EXPECT_EQ(m.unmount(), 0);
 }
 
+// With the kernel's write-back cache, close(2) still writes the file's pages back before it
+// returns, although no FLUSH request follows: a killed daemon keeps what was closed.
+TEST(PosixWritebackCache, CloseWritesBackWithoutAFlushRequest) {
+  Mount m("wbcclose", {"writeback_cache"}, "64M", /*trace=*/true);
+  std::string data(1 << 20, '\0');
+  for (std::size_t i = 0; i < data.size(); ++i) data[i] = char('a' + (i * 131) % 26);
+  spit(m.path("first"), "x");  // the one FLUSH the kernel sends
+  spit(m.path("closed"), data);
+  m.kill_daemon();
+  const std::string trace = m.trace();
+  m.start();
+  EXPECT_EQ(slurp(m.path("closed")), data);
+  EXPECT_EQ(m.unmount(), 0);
+  auto count = [&](const std::string& opcode) {
+    std::size_t n = 0;
+    for (auto at = trace.find(opcode); at != std::string::npos; at = trace.find(opcode, at + 1)) {
+      ++n;
+    }
+    return n;
+  };
+  EXPECT_EQ(count("opcode: FLUSH "), 1u) << trace;
+  EXPECT_EQ(count("opcode: CREATE "), 2u) << trace;
+  EXPECT_GE(count("opcode: WRITE "), 1u) << trace;
+}
+
 // With the kernel's write-back cache, write() takes data into the kernel even when the volume
 // has no room for it; the daemon's ENOSPC comes back when the kernel writes it back, through
 // fsync (and close), and the volume stays consistent.
