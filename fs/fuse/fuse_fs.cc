@@ -151,7 +151,17 @@ void op_lookup(fuse_req_t req, fuse_ino_t parent, const char* name) {
     reply_entry_or_error(req, attr);
     return;
   }
-  reply_entry_or_error(req, vol(req).lookup(parent, name));
+  auto found = vol(req).lookup(parent, name);
+  if (!found && found.status().error() == ENOENT) {
+    // No such name: the kernel may keep that answer as long as a found entry (a negative
+    // dentry; it replaces it when it creates the name), so that lookups of a missing name
+    // again and again (a shell's PATH, a compiler's include path) stay in the kernel.
+    fuse_entry_param none{};
+    none.entry_timeout = kTimeout;
+    fuse_reply_entry(req, &none);
+    return;
+  }
+  reply_entry_or_error(req, found);
 }
 
 void op_forget(fuse_req_t req, fuse_ino_t ino, uint64_t nlookup) {

@@ -61,6 +61,14 @@ int err(int rc) {
   return rc < 0 ? errno : 0;
 }
 
+// How many requests with this opcode a daemon's -d trace shows ("LOOKUP", "FLUSH", ...).
+std::size_t requests(const std::string& trace, const std::string& opcode) {
+  const std::string line = "opcode: " + opcode + " ";
+  std::size_t n = 0;
+  for (auto at = trace.find(line); at != std::string::npos; at = trace.find(line, at + 1)) ++n;
+  return n;
+}
+
 class Posix : public ::testing::Test {
  protected:
   static void SetUpTestSuite() { mount_ = new Mount("posix", {"allow_other"}); }
@@ -1005,6 +1013,36 @@ TEST(PosixRemount, DataSurvivesUnmountAndMount) {
   EXPECT_EQ(m.unmount(), 0);
 }
 
+// The kernel keeps "no such name" as long as a found entry: looking a missing name up again
+// costs no request, and creating the name, renaming or linking to it, or making a directory of
+// it turns the kernel's answer into the new entry at once.
+TEST(PosixLookup, AMissingNameIsAskedForOnce) {
+  Mount m("negative", {}, "64M", /*trace=*/true);
+  struct stat st {};
+  const std::size_t before = requests(m.trace(), "LOOKUP");
+  for (int i = 0; i < 5; ++i) EXPECT_EQ(err(::stat(m.path("missing").c_str(), &st)), ENOENT);
+  EXPECT_EQ(requests(m.trace(), "LOOKUP"), before + 1) << m.trace();
+  spit(m.path("missing"), "here now");
+  EXPECT_EQ(slurp(m.path("missing")), "here now");
+
+  EXPECT_EQ(err(::stat(m.path("moved").c_str(), &st)), ENOENT);
+  ASSERT_EQ(::rename(m.path("missing").c_str(), m.path("moved").c_str()), 0);
+  EXPECT_EQ(slurp(m.path("moved")), "here now");
+  EXPECT_EQ(err(::stat(m.path("missing").c_str(), &st)), ENOENT);
+
+  EXPECT_EQ(err(::stat(m.path("linked").c_str(), &st)), ENOENT);
+  ASSERT_EQ(::link(m.path("moved").c_str(), m.path("linked").c_str()), 0);
+  EXPECT_EQ(slurp(m.path("linked")), "here now");
+
+  EXPECT_EQ(err(::stat(m.path("dir").c_str(), &st)), ENOENT);
+  ASSERT_EQ(::mkdir(m.path("dir").c_str(), 0755), 0);
+  ASSERT_EQ(::stat(m.path("dir").c_str(), &st), 0);
+  EXPECT_TRUE(S_ISDIR(st.st_mode));
+  ASSERT_EQ(::rmdir(m.path("dir").c_str()), 0);
+  EXPECT_EQ(err(::stat(m.path("dir").c_str(), &st)), ENOENT);
+  EXPECT_EQ(m.unmount(), 0);
+}
+
 // writeback_cache: writes are acknowledged from the kernel's page cache, and fsync still makes
 // them durable before it returns: a killed daemon keeps what was fsync'd. Without fsync, a
 // clean unmount writes everything back.
@@ -1054,16 +1092,9 @@ TEST(PosixWritebackCache, CloseWritesBackWithoutAFlushRequest) {
   m.start();
   EXPECT_EQ(slurp(m.path("closed")), data);
   EXPECT_EQ(m.unmount(), 0);
-  auto count = [&](const std::string& opcode) {
-    std::size_t n = 0;
-    for (auto at = trace.find(opcode); at != std::string::npos; at = trace.find(opcode, at + 1)) {
-      ++n;
-    }
-    return n;
-  };
-  EXPECT_EQ(count("opcode: FLUSH "), 1u) << trace;
-  EXPECT_EQ(count("opcode: CREATE "), 2u) << trace;
-  EXPECT_GE(count("opcode: WRITE "), 1u) << trace;
+  EXPECT_EQ(requests(trace, "FLUSH"), 1u) << trace;
+  EXPECT_EQ(requests(trace, "CREATE"), 2u) << trace;
+  EXPECT_GE(requests(trace, "WRITE"), 1u) << trace;
 }
 
 // With the kernel's write-back cache, write() takes data into the kernel even when the volume
