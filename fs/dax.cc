@@ -147,6 +147,9 @@ Volume::Health VolumeImpl::health() {
   std::lock_guard cl(commit_mu_);
   h.commits = commits_done_;
   h.syncs = syncs_answered_;
+  h.journal_commits = journal_commits_;
+  h.commit_ns = commit_ns_;
+  h.answer_ns = answer_ns_;
   Btt::Stats b = btt_->stats();
   h.btt_epochs = b.epochs;
   h.btt_epoch_sectors = b.epoch_sectors;

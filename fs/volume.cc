@@ -558,12 +558,14 @@ Status VolumeImpl::commit() {
   // their data.
   std::unique_lock gate(gate_);
   Lock lock(mu_);
+  journaled_ = false;
   if (!failed_) return failed_;
   if (dirty_.empty()) {
     lock.unlock();
     gate.unlock();
     return btt_->sync_wait();  // data written in place since the last commit
   }
+  journaled_ = true;
   std::vector<uint64_t> lbas(dirty_.begin(), dirty_.end());
   std::vector<std::byte> images(lbas.size() * bs_);
   for (std::size_t i = 0; i < lbas.size(); ++i) {
@@ -672,12 +674,17 @@ void VolumeImpl::run_commit(std::unique_lock<std::mutex>& cl) {
     cl.unlock();
     auto start = std::chrono::steady_clock::now();
     Status s = read_only_ ? Status::ok() : commit();
-    auto took = std::chrono::steady_clock::now() - start;
+    auto committed = std::chrono::steady_clock::now();
+    auto took = committed - start;
     for (auto& w : waiters) w(s);
+    auto answered = std::chrono::steady_clock::now() - committed;
     cl.lock();
     committing_ = false;
     ++commits_done_;
     syncs_answered_ += waiters.size();
+    journal_commits_ += journaled_ ? 1 : 0;
+    commit_ns_ += uint64_t(std::chrono::duration_cast<std::chrono::nanoseconds>(took).count());
+    answer_ns_ += uint64_t(std::chrono::duration_cast<std::chrono::nanoseconds>(answered).count());
     committed_cv_.notify_all();
     if (waiters.size() > 1 && took >= std::chrono::microseconds(100)) {
       // As the flush channel does after a batch: wait for as many requests as this commit

@@ -356,6 +356,10 @@ class VolumeImpl final : public Volume {
   bool stopping_ = false;
   uint64_t commits_done_ = 0;
   uint64_t syncs_answered_ = 0;
+  uint64_t journal_commits_ = 0;
+  uint64_t commit_ns_ = 0;
+  uint64_t answer_ns_ = 0;
+  bool journaled_ = false;  // the last commit() wrote the journal (read by run_commit)
   uint64_t sequence_ = 0;
   Status failed_;
   std::thread committer_;

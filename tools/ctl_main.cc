@@ -546,7 +546,10 @@ int cmd_status(const std::string& mountpoint, bool json) {
   if (status.contains("commits") && status["commits"].is_object()) {
     const Json& c = status["commits"];
     f.emplace_back("commits", member(c, "commits") + " (" + member(c, "syncs") + " fsyncs, " +
-                                  member(c, "syncs_per_commit") + " per commit)");
+                                  member(c, "syncs_per_commit") + " per commit; " +
+                                  member(c, "journal_commits") + " wrote the journal)");
+    f.emplace_back("commit time", member(c, "commit_us") + " us each, then " +
+                                      member(c, "answer_us") + " us answering its fsyncs");
   }
   if (status.contains("flush") && status["flush"].is_object()) {
     const Json& fl = status["flush"];

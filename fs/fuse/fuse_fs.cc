@@ -453,7 +453,10 @@ std::string status_json(Daemon& d) {
   j["writeback_cache"] = g_writeback_cache.load();
   j["commits"] = {{"commits", h.commits},
                   {"syncs", h.syncs},
-                  {"syncs_per_commit", per(double(h.syncs), h.commits)}};
+                  {"syncs_per_commit", per(double(h.syncs), h.commits)},
+                  {"journal_commits", h.journal_commits},
+                  {"commit_us", per(h.commit_ns / 1000.0, h.commits)},
+                  {"answer_us", per(h.answer_ns / 1000.0, h.commits)}};
   j["flush"] = {{"requests", f.requests},
                 {"device_flushes", f.device_flushes},
                 {"requests_per_flush", f.requests_per_flush()},

@@ -264,6 +264,9 @@ class Volume {
     std::string error;               // the error that turned it read-only; empty if none
     uint64_t commits = 0;            // journal commits run (periodic ones and those sync asked for)
     uint64_t syncs = 0;              // sync requests (fsync, fsyncdir, sync_wait) they answered
+    uint64_t journal_commits = 0;    // commits that wrote the journal (the rest only flushed data)
+    uint64_t commit_ns = 0;          // time commits took: snapshot to their last flush's answer
+    uint64_t answer_ns = 0;          // time spent answering the requests each commit served
     uint64_t btt_epochs = 0;         // BTT epochs committed (writeback: flog + map updates)
     uint64_t btt_epoch_sectors = 0;  // sector updates those epochs committed
   };

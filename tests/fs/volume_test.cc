@@ -353,6 +353,28 @@ TEST_P(VolumeTest, SyncAndNoatimeFlags) {
   EXPECT_EQ(v_->set_xflags(f, FS_XFLAG_REALTIME).status().error(), EOPNOTSUPP);
 }
 
+// health() tells commits that wrote the journal from those that only flushed data, and how long
+// commits take. (A periodic commit may slip in between: commits are counted at least.)
+TEST_P(VolumeTest, HealthCountsCommitsThatWroteTheJournal) {
+  uint64_t f = create(kRootIno, "j");
+  ASSERT_TRUE(v_->sync_wait());
+  Volume::Health created = v_->health();
+  EXPECT_GE(created.journal_commits, 1u) << "the creation was metadata to commit";
+  EXPECT_GT(created.commit_ns, 0u);
+  ASSERT_TRUE(v_->sync_wait());  // nothing changed since
+  Volume::Health idle = v_->health();
+  EXPECT_GE(idle.commits, created.commits + 1);
+  EXPECT_EQ(idle.journal_commits, created.journal_commits);
+  SetAttr chmod;
+  chmod.mode = 0600;
+  ASSERT_TRUE(v_->setattr(f, chmod));
+  ASSERT_TRUE(v_->sync_wait());
+  Volume::Health changed = v_->health();
+  EXPECT_GE(changed.commits, idle.commits + 1);
+  EXPECT_EQ(changed.journal_commits, idle.journal_commits + 1);
+  EXPECT_GE(changed.answer_ns, idle.answer_ns);
+}
+
 TEST_P(VolumeTest, TruncateDownZeroesTheTail) {
   uint64_t f = create(kRootIno, "t");
   std::vector<char> data(10000, 'z');

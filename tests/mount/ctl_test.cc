@@ -628,10 +628,17 @@ TEST(Ctl, StatusOfAWritebackMount) {
   EXPECT_EQ(s["memory"], tmpfs ? "locked as touched" : "") << s["mode_reason"];
   EXPECT_GE(s["commits"]["commits"].get<uint64_t>(), 1u);
   EXPECT_GE(s["commits"]["syncs"].get<uint64_t>(), 1u) << "the fsync was answered by a commit";
+  // The file's creation and size were metadata to commit: the fsync's commit wrote the journal.
+  EXPECT_GE(s["commits"]["journal_commits"].get<uint64_t>(), 1u);
+  EXPECT_LE(s["commits"]["journal_commits"], s["commits"]["commits"]);
+  EXPECT_GT(s["commits"]["commit_us"].get<double>(), 0.0) << "a commit with flushes takes time";
+  EXPECT_GT(s["commits"]["answer_us"].get<double>(), 0.0) << "the fsync's reply takes time";
   r = ctl({"status", m.dir()});
   ASSERT_EQ(r.rc, 0) << r.err;
   EXPECT_TRUE(has(r.out, "MAP_SYNC refused")) << r.out;
   EXPECT_TRUE(has(r.out, "fsyncs,")) << r.out;
+  EXPECT_TRUE(has(r.out, "wrote the journal)")) << r.out;
+  EXPECT_TRUE(has(r.out, "us answering its fsyncs")) << r.out;
   EXPECT_TRUE(has(r.out, "us each)")) << r.out;
   EXPECT_TRUE(has(r.out, "sectors per epoch)")) << r.out;
   EXPECT_EQ(has(r.out, "image memory:   locked as touched"), tmpfs) << r.out;
