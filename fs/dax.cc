@@ -150,6 +150,7 @@ Volume::Health VolumeImpl::health() {
   h.journal_commits = journal_commits_;
   h.commit_ns = commit_ns_;
   h.answer_ns = answer_ns_;
+  h.gather_ns = gather_ns_;
   Btt::Stats b = btt_->stats();
   h.btt_epochs = b.epochs;
   h.btt_epoch_sectors = b.epoch_sectors;

@@ -671,8 +671,16 @@ void VolumeImpl::run_commit(std::unique_lock<std::mutex>& cl) {
     std::vector<std::function<void(const Status&)>> waiters;
     waiters.swap(waiters_);
     commit_requested_ = false;
-    cl.unlock();
     auto start = std::chrono::steady_clock::now();
+    if (gather_began_) {
+      // The group gathered from the end of the last commit's answers until now, or until time
+      // ran out (a group that never came back leaves no gathering to count past that).
+      gather_ns_ += uint64_t(std::chrono::duration_cast<std::chrono::nanoseconds>(
+                                 std::min(start, gather_until_) - *gather_began_)
+                                 .count());
+      gather_began_.reset();
+    }
+    cl.unlock();
     Status s = read_only_ ? Status::ok() : commit();
     auto committed = std::chrono::steady_clock::now();
     auto took = committed - start;
@@ -695,6 +703,7 @@ void VolumeImpl::run_commit(std::unique_lock<std::mutex>& cl) {
       gather_until_ = std::chrono::steady_clock::now() +
                       std::clamp<std::chrono::steady_clock::duration>(
                           took, std::chrono::microseconds(20), std::chrono::milliseconds(2));
+      gather_began_ = std::chrono::steady_clock::now();
     }
     // Requests that came during this commit. A whole group, or no group to wait for: this
     // thread commits them at once (handing them to the committer thread costs two wake-ups,

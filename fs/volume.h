@@ -9,6 +9,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <set>
 #include <shared_mutex>
 #include <thread>
@@ -359,6 +360,8 @@ class VolumeImpl final : public Volume {
   uint64_t journal_commits_ = 0;
   uint64_t commit_ns_ = 0;
   uint64_t answer_ns_ = 0;
+  uint64_t gather_ns_ = 0;  // waiting for the group the last commit answered (gathering_)
+  std::optional<std::chrono::steady_clock::time_point> gather_began_;
   bool journaled_ = false;  // the last commit() wrote the journal (read by run_commit)
   uint64_t sequence_ = 0;
   Status failed_;

@@ -549,7 +549,8 @@ int cmd_status(const std::string& mountpoint, bool json) {
                                   member(c, "syncs_per_commit") + " per commit; " +
                                   member(c, "journal_commits") + " wrote the journal)");
     f.emplace_back("commit time", member(c, "commit_us") + " us each, then " +
-                                      member(c, "answer_us") + " us answering its fsyncs");
+                                      member(c, "answer_us") + " us answering its fsyncs and " +
+                                      member(c, "gather_us") + " us gathering the next group");
   }
   if (status.contains("flush") && status["flush"].is_object()) {
     const Json& fl = status["flush"];

@@ -456,7 +456,8 @@ std::string status_json(Daemon& d) {
                   {"syncs_per_commit", per(double(h.syncs), h.commits)},
                   {"journal_commits", h.journal_commits},
                   {"commit_us", per(h.commit_ns / 1000.0, h.commits)},
-                  {"answer_us", per(h.answer_ns / 1000.0, h.commits)}};
+                  {"answer_us", per(h.answer_ns / 1000.0, h.commits)},
+                  {"gather_us", per(h.gather_ns / 1000.0, h.commits)}};
   j["flush"] = {{"requests", f.requests},
                 {"device_flushes", f.device_flushes},
                 {"requests_per_flush", f.requests_per_flush()},

@@ -267,6 +267,7 @@ class Volume {
     uint64_t journal_commits = 0;    // commits that wrote the journal (the rest only flushed data)
     uint64_t commit_ns = 0;          // time commits took: snapshot to their last flush's answer
     uint64_t answer_ns = 0;          // time spent answering the requests each commit served
+    uint64_t gather_ns = 0;          // time spent waiting for those requesters to come back
     uint64_t btt_epochs = 0;         // BTT epochs committed (writeback: flog + map updates)
     uint64_t btt_epoch_sectors = 0;  // sector updates those epochs committed
   };

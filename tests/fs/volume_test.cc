@@ -375,6 +375,69 @@ TEST_P(VolumeTest, HealthCountsCommitsThatWroteTheJournal) {
   EXPECT_GE(changed.answer_ns, idle.answer_ns);
 }
 
+// A device whose flushes take a millisecond (the flush channel calls the observer around each).
+class SlowFlushes final : public RegionObserver {
+ public:
+  void store(std::byte* base, uint64_t off, const void* src, std::size_t len) override {
+    std::memcpy(base + off, src, len);
+  }
+  void flush(uint64_t, std::size_t) override {}
+  void fence() override {}
+  void mark_dirty(uint64_t, std::size_t) override {}
+  void device_flush_begin() override { std::this_thread::sleep_for(std::chrono::milliseconds(1)); }
+  void device_flush_end(bool) override {}
+};
+
+// Threads that write and fsync their own files share commits (group commit), and health() says
+// where a commit's cycle went: committing, answering the fsyncs, gathering the next group (at
+// most as long as the commit before it, and never more than 2 ms).
+TEST(VolumeHealth, GroupCommitsTellTheirCycle) {
+  TempPath path("health-cycle.img");
+  MkfsOptions o;
+  o.size = 64 << 20;
+  o.force_persistent = true;
+  ASSERT_TRUE(Volume::mkfs(path.str(), o));
+  SlowFlushes slow;
+  MountOptions m;
+  m.mode = PersistMode::writeback;
+  m.force_persistent = true;
+  m.on_region = [&](Region& r) { r.set_observer(&slow); };
+  auto v = Volume::mount(path.str(), m);
+  ASSERT_TRUE(v) << v.status().to_string();
+  constexpr int kThreads = 4;
+  constexpr int kRounds = 40;
+  std::vector<uint64_t> files;
+  for (int t = 0; t < kThreads; ++t) {
+    auto a = (*v)->mknod(kRootIno, "f" + std::to_string(t), S_IFREG | 0644, 0, 0, 0);
+    ASSERT_TRUE(a);
+    files.push_back(a->ino);
+  }
+  ASSERT_TRUE((*v)->sync_wait());
+  Volume::Health before = (*v)->health();
+  std::vector<std::thread> threads;
+  for (int t = 0; t < kThreads; ++t) {
+    threads.emplace_back([&, t] {
+      std::string block(4096, char('a' + t));
+      for (int i = 0; i < kRounds; ++i) {
+        EXPECT_TRUE((*v)->write(files[t], uint64_t(i % 8) * 4096, block.data(), block.size()));
+        EXPECT_TRUE((*v)->fsync(files[t], false));
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  Volume::Health after = (*v)->health();
+  const uint64_t commits = after.commits - before.commits;
+  const uint64_t syncs = after.syncs - before.syncs;
+  EXPECT_EQ(syncs, uint64_t(kThreads * kRounds));
+  EXPECT_LT(commits, syncs) << "no fsync shared a commit";
+  EXPECT_GE(after.commit_ns - before.commit_ns, commits * 1'000'000) << "a flush takes 1 ms";
+  EXPECT_GT(after.answer_ns, before.answer_ns);
+  const uint64_t gathered = after.gather_ns - before.gather_ns;
+  EXPECT_GT(gathered, 0u) << "commits of several fsyncs wait for the group to come back";
+  EXPECT_LE(gathered, commits * 2'000'000) << "a gathering lasts at most 2 ms";
+  (*v).reset();
+}
+
 TEST_P(VolumeTest, TruncateDownZeroesTheTail) {
   uint64_t f = create(kRootIno, "t");
   std::vector<char> data(10000, 'z');

@@ -633,12 +633,15 @@ TEST(Ctl, StatusOfAWritebackMount) {
   EXPECT_LE(s["commits"]["journal_commits"], s["commits"]["commits"]);
   EXPECT_GT(s["commits"]["commit_us"].get<double>(), 0.0) << "a commit with flushes takes time";
   EXPECT_GT(s["commits"]["answer_us"].get<double>(), 0.0) << "the fsync's reply takes time";
+  // One fsyncing thread: no commit served a group, so none waited for one.
+  EXPECT_EQ(s["commits"]["gather_us"].get<double>(), 0.0);
   r = ctl({"status", m.dir()});
   ASSERT_EQ(r.rc, 0) << r.err;
   EXPECT_TRUE(has(r.out, "MAP_SYNC refused")) << r.out;
   EXPECT_TRUE(has(r.out, "fsyncs,")) << r.out;
   EXPECT_TRUE(has(r.out, "wrote the journal)")) << r.out;
-  EXPECT_TRUE(has(r.out, "us answering its fsyncs")) << r.out;
+  EXPECT_TRUE(has(r.out, "us answering its fsyncs and")) << r.out;
+  EXPECT_TRUE(has(r.out, "us gathering the next group")) << r.out;
   EXPECT_TRUE(has(r.out, "us each)")) << r.out;
   EXPECT_TRUE(has(r.out, "sectors per epoch)")) << r.out;
   EXPECT_EQ(has(r.out, "image memory:   locked as touched"), tmpfs) << r.out;
