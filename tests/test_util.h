@@ -6,10 +6,12 @@
 #include <atomic>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <random>
 #include <string>
 
 #include "vpmfs/checksum.h"
+#include "vpmfs/region.h"
 
 #ifndef VPMFS_TEST_TMP
 #define VPMFS_TEST_TMP "/dev/shm"
@@ -50,5 +52,17 @@ inline std::string random_bytes(const std::string& seed, std::size_t len) {
   for (char& c : s) c = char(rng());
   return s;
 }
+
+// A region observer that stores as the region would and watches only the device flushes:
+// subclasses say what happens around each.
+class FlushObserver : public RegionObserver {
+ public:
+  void store(std::byte* base, uint64_t off, const void* src, std::size_t len) override {
+    std::memcpy(base + off, src, len);
+  }
+  void flush(uint64_t, std::size_t) override {}
+  void fence() override {}
+  void mark_dirty(uint64_t, std::size_t) override {}
+};
 
 }  // namespace vpmfs::test

@@ -31,14 +31,8 @@ std::unique_ptr<Region> open_writeback(const std::string& path) {
 
 // Numbers device flushes as they begin and remembers the newest one that completed, under a
 // lock that submitters also hold while they persist, so "began after" is exact.
-class FlushClock : public RegionObserver {
+class FlushClock : public test::FlushObserver {
  public:
-  void store(std::byte* base, uint64_t off, const void* src, std::size_t len) override {
-    std::memcpy(base + off, src, len);
-  }
-  void flush(uint64_t, std::size_t) override {}
-  void fence() override {}
-  void mark_dirty(uint64_t, std::size_t) override {}
   void device_flush_begin() override {
     std::unique_lock lock(mu);
     in_flight.push_back(++began);

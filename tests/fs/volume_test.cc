@@ -376,14 +376,8 @@ TEST_P(VolumeTest, HealthCountsCommitsThatWroteTheJournal) {
 }
 
 // A device whose flushes take a millisecond (the flush channel calls the observer around each).
-class SlowFlushes final : public RegionObserver {
+class SlowFlushes final : public test::FlushObserver {
  public:
-  void store(std::byte* base, uint64_t off, const void* src, std::size_t len) override {
-    std::memcpy(base + off, src, len);
-  }
-  void flush(uint64_t, std::size_t) override {}
-  void fence() override {}
-  void mark_dirty(uint64_t, std::size_t) override {}
   void device_flush_begin() override { std::this_thread::sleep_for(std::chrono::milliseconds(1)); }
   void device_flush_end(bool) override {}
 };
