@@ -700,10 +700,10 @@ void VolumeImpl::run_commit(std::unique_lock<std::mutex>& cl) {
       // threads into commits of 4.6 on average; the whole of it gives 7.9).
       gathering_ = true;
       gather_target_ = waiters.size();
-      gather_until_ = std::chrono::steady_clock::now() +
-                      std::clamp<std::chrono::steady_clock::duration>(
-                          took, std::chrono::microseconds(20), std::chrono::milliseconds(2));
       gather_began_ = std::chrono::steady_clock::now();
+      gather_until_ =
+          *gather_began_ + std::clamp<std::chrono::steady_clock::duration>(
+                               took, std::chrono::microseconds(20), std::chrono::milliseconds(2));
     }
     // Requests that came during this commit. A whole group, or no group to wait for: this
     // thread commits them at once (handing them to the committer thread costs two wake-ups,
