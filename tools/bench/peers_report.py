@@ -2,6 +2,7 @@
 """Summary of a peers.sh run: best figures with their spread, vpmfs's ratios to each peer, the
 goals of issue 12 with their figures, and a chart. Usage: peers_report.py DIR TITLE"""
 import csv
+import statistics
 import subprocess
 import sys
 from collections import defaultdict
@@ -62,12 +63,9 @@ def paired(a, b, w, m):
     other there, where the best figures may come from different moments of the machine), or
     None."""
     reps = sorted({k[0] for k in by_rep if k[1:] == (a, w, m)})
-    rs = sorted(r for r in (ratio(by_rep.get((i, a, w, m)), by_rep.get((i, b, w, m)), m)
-                            for i in reps) if r is not None)
-    if not rs:
-        return None
-    mid = len(rs) // 2
-    return rs[mid] if len(rs) % 2 else (rs[mid - 1] + rs[mid]) / 2
+    rs = [r for r in (ratio(by_rep.get((i, a, w, m)), by_rep.get((i, b, w, m)), m) for i in reps)
+          if r is not None]
+    return statistics.median(rs) if rs else None
 
 
 lines = [f"# vpmfs and its peers", "", f"{title}. Best of the repetitions; ± is the spread "
