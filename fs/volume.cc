@@ -684,14 +684,17 @@ void VolumeImpl::run_commit(std::unique_lock<std::mutex>& cl) {
     Status s = read_only_ ? Status::ok() : commit();
     auto committed = std::chrono::steady_clock::now();
     auto took = committed - start;
-    for (auto& w : waiters) w(s);
-    auto answered = std::chrono::steady_clock::now() - committed;
     cl.lock();
-    committing_ = false;
+    // Counted before the answers: a caller whose fsync returned finds it in health().
     ++commits_done_;
     syncs_answered_ += waiters.size();
     journal_commits_ += journaled_ ? 1 : 0;
     commit_ns_ += uint64_t(std::chrono::duration_cast<std::chrono::nanoseconds>(took).count());
+    cl.unlock();
+    for (auto& w : waiters) w(s);
+    auto answered = std::chrono::steady_clock::now() - committed;
+    cl.lock();
+    committing_ = false;
     answer_ns_ += uint64_t(std::chrono::duration_cast<std::chrono::nanoseconds>(answered).count());
     committed_cv_.notify_all();
     if (waiters.size() > 1 && took >= std::chrono::microseconds(100)) {
