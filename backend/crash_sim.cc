@@ -6,6 +6,8 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <deque>
 #include <map>
@@ -249,6 +251,17 @@ CrashRecorder::CrashRecorder(Region& region, std::unique_ptr<Stream> stream)
   // A streaming recorder's baseline is in its file already.
   if (!stream_) trace_.baseline = shadow_;
   region.set_observer(this);
+  // A store that another thread made between the copy and the attach is in neither the baseline
+  // nor the trace, and the crash images would be ones that no crash can leave: a failure of the
+  // code under test that is not one. Attaching to a region that is not quiescent is the caller's
+  // bug; say so at once instead.
+  std::lock_guard lock(mu_);
+  if (std::memcmp(region.base(), shadow_.data(), shadow_.size()) != 0) {
+    std::fprintf(stderr,
+                 "vpmfs: a crash recorder was attached while another thread stored to the region; "
+                 "the trace would miss that store\n");
+    std::abort();
+  }
 }
 
 CrashRecorder::~CrashRecorder() {

@@ -80,7 +80,10 @@ class CrashRecorder final : public RegionObserver {
   using EventKind = CrashEventKind;
   using Event = CrashEvent;
 
-  // Snapshots the region's current content as the crash baseline and attaches.
+  // Snapshots the region's current content as the crash baseline and attaches. The region must
+  // be quiescent meanwhile (no other thread storing to it, e.g. a BTT commit in flight): a store
+  // between the snapshot and the attach would be in neither, so the constructor aborts with a
+  // message when it finds one.
   explicit CrashRecorder(Region& region);
   // The same, streaming the trace to a file (created or truncated) instead of keeping it in
   // memory; crash_image() and prefix_image() of such a recorder return empty images.
