@@ -120,6 +120,10 @@ static_assert(kSettableXflags == (FS_XFLAG_IMMUTABLE | FS_XFLAG_APPEND | FS_XFLA
                                   FS_XFLAG_NOATIME | FS_XFLAG_NODUMP | FS_XFLAG_DAX));
 
 Result<Attr> VolumeImpl::set_xflags(uint64_t ino, uint32_t xflags) {
+  return synchronous(try_set_xflags(ino, xflags), {ino});
+}
+
+Result<Attr> VolumeImpl::try_set_xflags(uint64_t ino, uint32_t xflags) {
   KillPoint kill_point{this};
   if (read_only_) return Status(EROFS, "read-only volume");
   if (!failed_) return Status(EROFS, failed_.message());

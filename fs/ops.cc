@@ -100,8 +100,8 @@ bool VolumeImpl::space_after_commit() {
 template <class R>
 R VolumeImpl::synchronous(R result, std::initializer_list<uint64_t> inos) {
   if (!result) return result;
-  bool sync = false;
-  {
+  bool sync = sync_;
+  if (!sync) {
     Lock lock(mu_);
     for (uint64_t ino : inos) {
       auto inode = iget(ino);
@@ -751,6 +751,15 @@ Result<std::size_t> VolumeImpl::read(uint64_t ino, uint64_t offset, void* buf, s
 
 Result<std::size_t> VolumeImpl::write(uint64_t ino, uint64_t offset, const void* buf,
                                       std::size_t len) {
+  bool owed = false;
+  auto n = write_unsynced(ino, offset, buf, len, &owed);
+  if (!n || !owed) return n;
+  if (Status s = sync_wait(); !s) return s;
+  return n;
+}
+
+Result<std::size_t> VolumeImpl::write_unsynced(uint64_t ino, uint64_t offset, const void* buf,
+                                               std::size_t len, bool* owed) {
   KillPoint kill_point{this};
   VPMFS_WRITABLE();
   if (len == 0) return std::size_t(0);
@@ -783,10 +792,7 @@ Result<std::size_t> VolumeImpl::write(uint64_t ino, uint64_t offset, const void*
     done += *wrote;
     if (*wrote < want) break;  // out of space part way
   }
-  if (sync) {
-    io.unlock();
-    if (Status s = sync_wait(); !s) return s;
-  }
+  *owed = sync;
   return done;
 }
 
@@ -814,7 +820,7 @@ Result<std::size_t> VolumeImpl::write_piece(uint64_t ino, uint64_t offset, const
     if (append_only(*inode) && offset < inode->size) {
       return Status(EPERM, "append-only (chattr +a): writes go at the end");
     }
-    *sync = inode->flags & FS_XFLAG_SYNC;
+    *sync = sync_ || (inode->flags & FS_XFLAG_SYNC);
     const bool allocate = gate.owns_lock();
     Status short_write;
     targets.clear();

@@ -69,6 +69,8 @@ class VolumeImpl final : public Volume {
   Result<std::size_t> read(uint64_t ino, uint64_t offset, void* buf, std::size_t len) override;
   Result<std::size_t> write(uint64_t ino, uint64_t offset, const void* buf,
                             std::size_t len) override;
+  Result<std::size_t> write_unsynced(uint64_t ino, uint64_t offset, const void* buf,
+                                     std::size_t len, bool* owed) override;
   Status readdir(uint64_t ino, uint64_t offset,
                  const std::function<bool(const DirEntry&)>& emit) override;
   Result<std::size_t> getxattr(uint64_t ino, std::string_view name, void* buf,
@@ -216,11 +218,12 @@ class VolumeImpl final : public Volume {
   bool space_after_commit();
   template <class Op>
   auto with_space(Op op) -> decltype(op());
-  // chattr +S (FS_XFLAG_SYNC) on any of inos: a call that succeeded is durable before it
-  // returns, as on a volume mounted -o sync. The sync's failure is the call's.
+  // chattr +S (FS_XFLAG_SYNC) on any of inos, or a volume mounted -o sync: a call that
+  // succeeded is durable before it returns. The sync's failure is the call's.
   template <class R>
   R synchronous(R result, std::initializer_list<uint64_t> inos);
   Result<Attr> try_setattr(uint64_t ino, const SetAttr& change);
+  Result<Attr> try_set_xflags(uint64_t ino, uint32_t xflags);
   Status try_removexattr(uint64_t ino, std::string_view name);
   Status try_fallocate(uint64_t ino, int mode, uint64_t offset, uint64_t length);
   // unnamed: a tmpfile (name is ignored).
@@ -298,6 +301,7 @@ class VolumeImpl final : public Volume {
   fsfmt::Superblock sb_{};
   bool read_only_ = false;
   uint32_t commit_interval_ms_ = 5000;
+  bool sync_ = false;                    // MountOptions::sync
   uint64_t max_transaction_blocks_ = 0;  // throttle's limit (0: half the journal)
   uint64_t cache_limit_ = 4096;          // metadata blocks kept in memory (trim_cache)
   bool home_pending_ = false;            // a commit's images are not all written home yet

@@ -543,6 +543,9 @@ int cmd_status(const std::string& mountpoint, bool json) {
                    "the kernel's write-back cache (a killed daemon loses writes "
                    "not yet written back)");
   }
+  if (flag(status, "sync")) {
+    f.emplace_back("sync", "every change durable when its call returns (fsync owes nothing)");
+  }
   if (status.contains("commits") && status["commits"].is_object()) {
     const Json& c = status["commits"];
     f.emplace_back("commits", member(c, "commits") + " (" + member(c, "syncs") + " fsyncs, " +

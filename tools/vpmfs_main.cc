@@ -48,6 +48,8 @@ constexpr const char* kOptionsHelp = R"(Mount options (-o, comma separated):
   writeback_cache     the kernel's write-back cache: faster small writes, but writes are
                       acknowledged before vpmfs has them, so a killed daemon can lose
                       acknowledged writes (fsync still makes them durable)
+  sync                every change durable when its call returns; fsync then costs nothing
+                      (faster when most writes are fsync'd, slower when few are)
   mlock, nomlock      an image on tmpfs: lock its pages in memory as they are first touched,
                       so that reclaim never unmaps them (mlock, the default), or leave them to
                       reclaim and swap (nomlock)

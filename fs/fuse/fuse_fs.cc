@@ -365,13 +365,28 @@ void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, fuse_file_i
 
 void op_write(fuse_req_t req, fuse_ino_t ino, const char* data, size_t size, off_t off,
               fuse_file_info*) {
-  auto n = vol(req).write(ino, uint64_t(off), data, size);
-  if (n) {
-    kill_privileges(req, ino, false);
-    fuse_reply_write(req, *n);
-  } else {
+  bool owed = false;
+  auto n = vol(req).write_unsynced(ino, uint64_t(off), data, size, &owed);
+  if (!n) {
     fuse_reply_err(req, n.status().error());
+    return;
   }
+  kill_privileges(req, ino, false);
+  if (!owed) {
+    fuse_reply_write(req, *n);
+    return;
+  }
+  // Mounted -o sync, or chattr +S: answered when the commit that makes the write durable has
+  // completed, by the thread that ran it. This worker goes back for the next request instead of
+  // waiting, so that concurrent writers share commits (fsync's group commit).
+  vol(req).fsync(ino, false, [req, written = *n](const Status& s) {
+    if (s) {
+      fuse_reply_write(req, written);
+    } else {
+      log_message(LOG_ERR, "sync of a write failed: " + s.to_string());
+      fuse_reply_err(req, s.error());
+    }
+  });
 }
 
 void op_release(fuse_req_t req, fuse_ino_t, fuse_file_info* fi) {
@@ -389,11 +404,23 @@ void reply_fsync(fuse_req_t req, const Status& s) {
   reply_status(req, s);
 }
 
+// Mounted -o sync, every call that changed something was durable when answered, so fsync owes
+// nothing: ENOSYS tells the kernel so, and it stops sending FSYNC (FSYNCDIR) on this
+// connection, answering fsync itself once it has written back its dirty pages (each such WRITE
+// durable when answered). A write + fsync is then one round trip instead of two.
+bool fsync_owes_nothing(fuse_req_t req) {
+  if (!daemon_of(req).options.volume.sync) return false;
+  fuse_reply_err(req, ENOSYS);
+  return true;
+}
+
 void op_fsync(fuse_req_t req, fuse_ino_t ino, int datasync, fuse_file_info*) {
+  if (fsync_owes_nothing(req)) return;
   vol(req).fsync(ino, datasync != 0, [req](const Status& s) { reply_fsync(req, s); });
 }
 
 void op_fsyncdir(fuse_req_t req, fuse_ino_t ino, int, fuse_file_info*) {
+  if (fsync_owes_nothing(req)) return;
   vol(req).fsync(ino, false, [req](const Status& s) { reply_fsync(req, s); });
 }
 
@@ -451,6 +478,7 @@ std::string status_json(Daemon& d) {
   j["memory"] = r.memory();
   j["dax_shared_mmap"] = g_allow_mmap.load();  // FUSE_DIRECT_IO_ALLOW_MMAP was agreed
   j["writeback_cache"] = g_writeback_cache.load();
+  j["sync"] = d.options.volume.sync;
   j["commits"] = {{"commits", h.commits},
                   {"syncs", h.syncs},
                   {"syncs_per_commit", per(double(h.syncs), h.commits)},

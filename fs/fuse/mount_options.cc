@@ -157,6 +157,10 @@ Status apply_mount_options(std::string_view list, DaemonOptions& o) {
     } else if (name == "force_persistent") {
       if (Status s = flag(); !s) return s;
       o.volume.force_persistent = true;
+    } else if (name == "sync" || name == "async") {
+      if (Status s = flag(); !s) return s;
+      o.volume.sync = name == "sync";
+      o.passed.emplace_back(item);  // the kernel's MS_SYNCHRONOUS too
     } else if (name == "mlock" || name == "nomlock") {
       if (Status s = flag(); !s) return s;
       o.volume.lock_memory = name == "mlock";

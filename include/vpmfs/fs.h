@@ -49,6 +49,9 @@ struct MountOptions {
   // Background commit interval: metadata and data written without fsync become durable at
   // most this long after they were written (the commit= mount option).
   uint32_t commit_interval_ms = 5000;
+  // Every call that changes the volume is durable when it returns, as if every inode had
+  // chattr +S (the sync mount option). Costs a commit per call; fsync then owes nothing.
+  bool sync = false;
   // Wait this long for the image lock (RegionOptions::lock_wait_ms).
   uint32_t lock_wait_ms = 0;
   // Lock an image on tmpfs in memory as its pages are touched (RegionOptions::lock_memory; the
@@ -191,6 +194,12 @@ class Volume {
   // grow the file nor allocate change no metadata.
   virtual Result<std::size_t> write(uint64_t ino, uint64_t offset, const void* buf,
                                     std::size_t len) = 0;
+  // write without the sync that a volume mounted -o sync, or a file with chattr +S, owes: *owed
+  // says whether it owes one, and then the write is done only once fsync(ino, false) answered
+  // (its failure is the write's). For callers that answer from the commit's completion instead
+  // of waiting for it (the FUSE daemon).
+  virtual Result<std::size_t> write_unsynced(uint64_t ino, uint64_t offset, const void* buf,
+                                             std::size_t len, bool* owed) = 0;
   // Calls emit for entries after `offset` (0: from the start, including "." and "..") until it
   // returns false. Offsets stay valid while entries are created and removed.
   virtual Status readdir(uint64_t ino, uint64_t offset,

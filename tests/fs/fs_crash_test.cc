@@ -167,13 +167,24 @@ struct Recording {
   std::vector<TargetVersion> target;
 };
 
-Recording record(const std::string& path, PersistMode mode, int phases, uint64_t seed) {
+// sync_mount: the volume is mounted -o sync and nothing calls sync_wait; each call is taken as
+// durable the moment it returns.
+Recording record(const std::string& path, PersistMode mode, int phases, uint64_t seed,
+                 bool sync_mount = false) {
   MountOptions mo = workload_options(mode);
+  mo.sync = sync_mount;
   auto v = std::move(Volume::mount(path, mo).value());
   Recording rec;
   rec.recorder = std::make_unique<CrashRecorder>(v->region());
   CrashRecorder& r = *rec.recorder;
   SplitMix64 rng(seed);
+  // The event count by which what the calls so far did is durable.
+  auto synced = [&] {
+    if (!sync_mount) {
+      EXPECT_TRUE(v->sync_wait());
+    }
+    return r.events();
+  };
   auto write_file = [&](uint64_t dir, const std::string& n, const std::string& data) {
     auto a = v->mknod(dir, n, S_IFREG | 0644, 0, 0, 0);
     EXPECT_TRUE(a) << a.status().to_string();
@@ -183,25 +194,21 @@ Recording record(const std::string& path, PersistMode mode, int phases, uint64_t
     std::string f = name('f', p);
     std::string data = content(seed * 1000 + p, 1 + rng.below(9000));
     write_file(kRootIno, f, data);
-    EXPECT_TRUE(v->sync_wait());
-    rec.files[f] = FileFact{data, r.events()};
+    rec.files[f] = FileFact{data, synced()};
     if (p % 3 == 2) {
       // Replace "target" atomically: write a new file, sync it, rename it over.
       std::string t = name('t', p);
       std::string tdata = content(seed * 7000 + p, 1 + rng.below(6000));
       write_file(kRootIno, t, tdata);
-      EXPECT_TRUE(v->sync_wait());
-      std::size_t started = r.events();
+      std::size_t started = synced();
       EXPECT_TRUE(v->rename(kRootIno, t, kRootIno, "target", 0));
-      EXPECT_TRUE(v->sync_wait());
-      rec.target.push_back(TargetVersion{tdata, started, r.events()});
+      rec.target.push_back(TargetVersion{tdata, started, synced()});
     }
     if (p % 4 == 3) {
       std::string old = name('f', p - 2);
       rec.files[old].removed = r.events();
       EXPECT_TRUE(v->unlink(kRootIno, old));
-      EXPECT_TRUE(v->sync_wait());
-      rec.files[old].removed_synced = r.events();
+      rec.files[old].removed_synced = synced();
     }
   }
   rec.recorder->detach();
@@ -560,11 +567,11 @@ TEST(FsCrash, KilledDaemonLosesNothingAcknowledged) {
 }
 
 uint64_t crash_points(PersistMode mode, CrashModel model, int phases, uint64_t stride,
-                      uint64_t seeds, uint64_t seed) {
+                      uint64_t seeds, uint64_t seed, bool sync_mount = false) {
   TempPath path("fscrash-src.img");
   TempPath crashed("fscrash-dst.img");
   make_volume(path);
-  Recording rec = record(path, mode, phases, seed);
+  Recording rec = record(path, mode, phases, seed, sync_mount);
   return crash_at_points(*rec.recorder, model, stride, seeds, seed, crashed,
                          [&](std::size_t cut) { return verify(crashed, rec, cut); });
 }
@@ -587,6 +594,23 @@ TEST(FsCrash, WritebackModel) {
   }
   std::printf("writeback model: %llu crash points\n", (unsigned long long)points);
   EXPECT_GE(points, 1000u * scale());
+}
+
+// Mounted -o sync, with no sync_wait anywhere: every file is as durable when its write returns,
+// and every rename and unlink when it returns, as the workload above makes them with its syncs.
+TEST(FsCrash, SyncMountKeepsWhatEveryCallReturned) {
+  uint64_t writeback = 0;
+  uint64_t direct = 0;
+  for (uint64_t run = 0; run < scale(); ++run) {
+    writeback += crash_points(PersistMode::writeback, CrashModel::writeback, 12, 2, 1, 7 + run,
+                              /*sync_mount=*/true);
+    direct += crash_points(PersistMode::direct, CrashModel::direct, 14, 3, 1, 9 + run,
+                           /*sync_mount=*/true);
+  }
+  std::printf("mounted -o sync: %llu writeback and %llu direct crash points\n",
+              (unsigned long long)writeback, (unsigned long long)direct);
+  EXPECT_GE(writeback, 1000u * scale());
+  EXPECT_GE(direct, 1000u * scale());
 }
 
 // --- extended attributes, fallocate and punched holes --------------------------------------------

@@ -46,11 +46,12 @@ class VolumeTest : public ::testing::TestWithParam<PersistMode> {
     ASSERT_TRUE(Volume::mkfs(path_, o));
     mount();
   }
-  void mount() {
+  void mount(bool sync = false) {
     v_.reset();
     MountOptions m;
     m.mode = GetParam();
     m.force_persistent = true;
+    m.sync = sync;
     auto v = Volume::mount(path_, m);
     ASSERT_TRUE(v) << v.status().to_string();
     v_ = std::move(v.value());
@@ -351,6 +352,59 @@ TEST_P(VolumeTest, SyncAndNoatimeFlags) {
   EXPECT_TRUE(same(v_->getattr(quiet)->atime, quiet_before)) << "+A: the read set the atime";
   EXPECT_FALSE(same(v_->getattr(plain)->atime, plain_before)) << "relatime without +A";
   EXPECT_EQ(v_->set_xflags(f, FS_XFLAG_REALTIME).status().error(), EOPNOTSUPP);
+}
+
+// Mounted -o sync: every call that changes the volume is durable when it returns (one sync
+// each), without chattr +S; calls that only look change nothing and sync nothing.
+TEST_P(VolumeTest, SyncMountMakesEveryChangingCallDurable) {
+  mount(/*sync=*/true);
+  auto syncs_of = [&](auto&& call) {
+    uint64_t before = v_->health().syncs;
+    EXPECT_TRUE(call());
+    return v_->health().syncs - before;
+  };
+  uint64_t f = 0;
+  EXPECT_EQ(syncs_of([&] {
+              auto a = v_->mknod(kRootIno, "f", S_IFREG | 0644, 0, 0, 0);
+              f = a ? a->ino : 0;
+              return a;
+            }),
+            1u);
+  EXPECT_EQ(syncs_of([&] { return v_->write(f, 0, "data", 4); }), 1u);
+  EXPECT_EQ(syncs_of([&] { return v_->write(f, 8192, "more", 4); }), 1u);
+  SetAttr chmod;
+  chmod.mode = 0600;
+  EXPECT_EQ(syncs_of([&] { return v_->setattr(f, chmod); }), 1u);
+  SetAttr cut;
+  cut.size = 2;
+  EXPECT_EQ(syncs_of([&] { return v_->setattr(f, cut); }), 1u);
+  EXPECT_EQ(syncs_of([&] { return v_->fallocate(f, 0, 0, 1 << 16); }), 1u);
+  EXPECT_EQ(syncs_of([&] { return v_->setxattr(f, "user.k", "v", 1, 0); }), 1u);
+  EXPECT_EQ(syncs_of([&] { return v_->removexattr(f, "user.k"); }), 1u);
+  EXPECT_EQ(syncs_of([&] { return v_->set_xflags(f, FS_XFLAG_NODUMP); }), 1u);
+  EXPECT_EQ(syncs_of([&] { return v_->link(f, kRootIno, "g"); }), 1u);
+  EXPECT_EQ(syncs_of([&] { return v_->rename(kRootIno, "g", kRootIno, "h", 0); }), 1u);
+  EXPECT_EQ(syncs_of([&] { return v_->unlink(kRootIno, "h"); }), 1u);
+  uint64_t d = 0;
+  EXPECT_EQ(syncs_of([&] {
+              auto a = v_->mkdir(kRootIno, "d", 0755, 0, 0);
+              d = a ? a->ino : 0;
+              return a;
+            }),
+            1u);
+  EXPECT_EQ(syncs_of([&] { return v_->symlink(d, "l", "../f", 0, 0); }), 1u);
+  EXPECT_EQ(syncs_of([&] { return v_->tmpfile(d, 0600, 0, 0); }), 1u);
+  EXPECT_EQ(syncs_of([&] { return v_->unlink(d, "l"); }), 1u);
+  EXPECT_EQ(syncs_of([&] { return v_->rmdir(kRootIno, "d"); }), 1u);
+
+  char buf[8];
+  EXPECT_EQ(syncs_of([&] { return v_->read(f, 0, buf, sizeof buf); }), 0u);
+  EXPECT_EQ(syncs_of([&] { return v_->getattr(f); }), 0u);
+  EXPECT_EQ(syncs_of([&] { return v_->lookup(kRootIno, "f"); }), 0u);
+  EXPECT_EQ(syncs_of([&] {
+              return v_->getxattr(f, "user.none", nullptr, 0).status().error() == ENODATA;
+            }),
+            0u);
 }
 
 // health() tells commits that wrote the journal from those that only flushed data, and how long

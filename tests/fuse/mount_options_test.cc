@@ -63,6 +63,13 @@ TEST(MountOptions, VpmfsOptions) {
   ASSERT_TRUE(apply_mount_options("no_writeback_cache", o));
   EXPECT_FALSE(o.writeback_cache);
   EXPECT_FALSE(apply_mount_options("writeback_cache=1", o));
+  EXPECT_FALSE(o.volume.sync);
+  ASSERT_TRUE(apply_mount_options("sync", o));
+  EXPECT_TRUE(o.volume.sync);
+  EXPECT_NE(fuse_mount_options(o).find(",sync"), std::string::npos) << "the kernel's flag too";
+  ASSERT_TRUE(apply_mount_options("async", o));
+  EXPECT_FALSE(o.volume.sync);
+  EXPECT_FALSE(apply_mount_options("sync=1", o));
   ASSERT_TRUE(apply_mount_options("nomlock", o));
   EXPECT_FALSE(o.volume.lock_memory);
   ASSERT_TRUE(apply_mount_options("mlock", o));

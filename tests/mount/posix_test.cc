@@ -25,6 +25,7 @@
 #include <thread>
 
 #include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
 
 #include "mount_fixture.h"
 
@@ -1119,6 +1120,69 @@ TEST(PosixWritebackCache, AFullVolumeIsReportedByFsync) {
   ASSERT_EQ(::unlink(m.path("big").c_str()), 0);
   spit(m.path("after"), "room again");
   EXPECT_EQ(m.unmount(), 0) << "fsck.vpmfs -n after the full volume";
+}
+
+// -o sync: every write is answered once it is durable, concurrent writers share commits, and
+// the kernel, told by the first FSYNC and FSYNCDIR that they owe nothing, sends no more of them
+// (fsync then costs no round trip). What was written is there after the daemon is killed.
+TEST(PosixSyncMount, WritesAreSyncedAndFsyncCostsNoRequest) {
+  Mount m("syncmount", {"sync", "sync_dax=writeback"}, "64M", /*trace=*/true);
+  ASSERT_TRUE(m.mounted());
+  auto status = [&] {
+    char buf[4096] = {};
+    ssize_t n = ::getxattr(m.dir().c_str(), "user.vpmfs.status", buf, sizeof buf - 1);
+    return nlohmann::json::parse(std::string(buf, n > 0 ? std::size_t(n) : 0));
+  };
+  EXPECT_EQ(status()["sync"], true);
+  const uint64_t syncs_before = status()["commits"]["syncs"].get<uint64_t>();
+  constexpr int kThreads = 4;
+  constexpr int kRounds = 40;
+  std::vector<std::thread> threads;
+  std::atomic<int> failures{0};
+  for (int t = 0; t < kThreads; ++t) {
+    threads.emplace_back([&, t] {
+      int fd = ::open(m.path("f" + std::to_string(t)).c_str(), O_RDWR | O_CREAT, 0644);
+      if (fd < 0) {
+        ++failures;
+        return;
+      }
+      std::string block(4096, '\0');
+      for (int r = 0; r < kRounds; ++r) {
+        std::memset(block.data(), 'a' + (t + r) % 26, block.size());
+        if (::pwrite(fd, block.data(), block.size(), off_t(r) * 4096) != 4096) ++failures;
+        if ((r % 2 == 0 ? ::fsync(fd) : ::fdatasync(fd)) != 0) ++failures;
+      }
+      ::close(fd);
+    });
+  }
+  for (auto& th : threads) th.join();
+  ASSERT_EQ(failures.load(), 0);
+  int dir = ::open(m.dir().c_str(), O_RDONLY | O_DIRECTORY);
+  ASSERT_GE(dir, 0);
+  EXPECT_EQ(::fsync(dir), 0);
+  EXPECT_EQ(::fsync(dir), 0);
+  ::close(dir);
+
+  nlohmann::json s = status();
+  const uint64_t syncs = s["commits"]["syncs"].get<uint64_t>() - syncs_before;
+  EXPECT_GE(syncs, uint64_t(kThreads * kRounds)) << "every write waited for a commit";
+  EXPECT_LT(s["commits"]["commits"].get<uint64_t>(), s["commits"]["syncs"].get<uint64_t>())
+      << "no two writes shared a commit";
+  const std::string trace = m.trace();
+  EXPECT_EQ(requests(trace, "FSYNC"), 1u) << "the kernel kept sending FSYNC";
+  EXPECT_EQ(requests(trace, "FSYNCDIR"), 1u) << "the kernel kept sending FSYNCDIR";
+  EXPECT_GE(requests(trace, "WRITE"), uint64_t(kThreads * kRounds));
+
+  m.kill_daemon();
+  m.start();
+  for (int t = 0; t < kThreads; ++t) {
+    std::string got = slurp(m.path("f" + std::to_string(t)));
+    ASSERT_EQ(got.size(), std::size_t(kRounds) * 4096) << "f" << t;
+    for (int r = 0; r < kRounds; ++r) {
+      EXPECT_EQ(got[std::size_t(r) * 4096], char('a' + (t + r) % 26)) << "f" << t << " block " << r;
+    }
+  }
+  EXPECT_EQ(m.unmount(), 0) << "fsck.vpmfs -n after the sync mount";
 }
 
 }  // namespace

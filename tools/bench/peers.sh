@@ -73,7 +73,7 @@ ptll=$work_disk/passthrough_ll
 cc -O2 -o "$ptll" /usr/share/doc/libfuse3-dev/examples/passthrough_ll.c \
   $(pkg-config --cflags --libs fuse3)
 
-all_targets=(tmpfs ptll ptll_wb fuse2fs vpmfs vpmfs_wbc vpmfs_disk vpmfs_disk_wbc disk)
+all_targets=(tmpfs ptll ptll_wb fuse2fs vpmfs vpmfs_sync vpmfs_wbc vpmfs_disk vpmfs_disk_wbc disk)
 [[ -z $baseline ]] || all_targets+=(base base_disk)
 all_workloads=(seqwrite seqread randwrite randread fsync1 fsync8 fdatasync1 meta)
 IFS=, read -r -a targets <<<"${targets_arg:-$(IFS=,; echo "${all_targets[*]}")}"
@@ -112,10 +112,11 @@ mount_target() {  # target: mounts it (when it is a mount) and records its direc
       truncate -s $image_size "$work_shm/ext4.img"
       mkfs.ext4 -q -F "$work_shm/ext4.img"
       fuse2fs -o rw "$work_shm/ext4.img" "$m" ;;
-    vpmfs|vpmfs_wbc|vpmfs_disk|vpmfs_disk_wbc|base|base_disk)
+    vpmfs|vpmfs_sync|vpmfs_wbc|vpmfs_disk|vpmfs_disk_wbc|base|base_disk)
       local where=$work_shm opts="" tools=$bin
       [[ $t == *_disk* ]] && where=$work_disk
       [[ $t == *_wbc ]] && opts="-o writeback_cache"
+      [[ $t == *_sync ]] && opts="-o sync"
       [[ $t == base* ]] && tools=$baseline
       "$tools/mkfs.vpmfs" --size $image_size "$where/$t.img" >/dev/null
       # shellcheck disable=SC2086

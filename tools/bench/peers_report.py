@@ -82,7 +82,8 @@ for w, m in rows:
 # vpmfs (default options, /dev/shm) against each peer; the writeback-cache and disk variants
 # against their own counterparts.
 pairs = [("vpmfs", p) for p in ("tmpfs", "ptll", "ptll_wb", "fuse2fs") if p in targets]
-pairs += [(a, b) for a, b in (("vpmfs_wbc", "ptll_wb"), ("vpmfs_disk", "disk"),
+pairs += [(a, b) for a, b in (("vpmfs_sync", "ptll"), ("vpmfs_sync", "fuse2fs"),
+                              ("vpmfs_wbc", "ptll_wb"), ("vpmfs_disk", "disk"),
                               ("vpmfs_disk", "vpmfs"), ("vpmfs_disk_wbc", "ptll_wb"),
                               ("vpmfs", "base"), ("vpmfs_disk", "base_disk"))
           if a in targets and b in targets]
@@ -131,6 +132,9 @@ goal_pair("1. randwrite vpmfs / fuse2fs", "vpmfs", "fuse2fs", "randwrite", "IOPS
 for w in ("fsync1", "fsync8"):
     goal_pair(f"2. {w} vpmfs / ptll", "vpmfs", "ptll", w, "IOPS", 1.0)
     goal_pair(f"2. {w} vpmfs / fuse2fs", "vpmfs", "fuse2fs", w, "IOPS", 3.0)
+    # The opt-in -o sync: each write durable when answered, fsync without a round trip.
+    goal_pair(f"2. {w} vpmfs_sync / ptll (-o sync)", "vpmfs_sync", "ptll", w, "IOPS", 1.0)
+    goal_pair(f"2. {w} vpmfs_sync / fuse2fs (-o sync)", "vpmfs_sync", "fuse2fs", w, "IOPS", 3.0)
 goal("3. disk: fsync8 / fsync1", ratio(B("vpmfs_disk", "fsync8", "IOPS"),
                                        B("vpmfs_disk", "fsync1", "IOPS"), "IOPS"), 3.0)
 goal_pair("3. disk: vpmfs fdatasync1 / plain fdatasync loop", "vpmfs_disk", "disk", "fdatasync1",
