@@ -112,7 +112,7 @@ mount_target() {  # target: mounts it (when it is a mount) and records its direc
       truncate -s $image_size "$work_shm/ext4.img"
       mkfs.ext4 -q -F "$work_shm/ext4.img"
       fuse2fs -o rw "$work_shm/ext4.img" "$m" ;;
-    vpmfs|vpmfs_sync|vpmfs_wbc|vpmfs_disk|vpmfs_disk_wbc|base|base_disk)
+    vpmfs|vpmfs_sync|vpmfs_wbc|vpmfs_disk|vpmfs_disk_sync|vpmfs_disk_wbc|base|base_disk)
       local where=$work_shm opts="" tools=$bin
       [[ $t == *_disk* ]] && where=$work_disk
       [[ $t == *_wbc ]] && opts="-o writeback_cache"
