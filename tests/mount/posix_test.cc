@@ -1185,5 +1185,27 @@ TEST(PosixSyncMount, WritesAreSyncedAndFsyncCostsNoRequest) {
   EXPECT_EQ(m.unmount(), 0) << "fsck.vpmfs -n after the sync mount";
 }
 
+// -o sync with the kernel's write-back cache: the mount is MS_SYNCHRONOUS too, so the kernel
+// writes each write(2) back before it returns (and vpmfs makes it durable before answering):
+// a daemon killed right after the writes, with no fsync and no close, loses none of them.
+TEST(PosixSyncMount, WritesThroughTheKernelsCacheAreNotLostToAKill) {
+  Mount m("syncwbc", {"sync", "writeback_cache"});
+  ASSERT_TRUE(m.mounted());
+  int fd = ::open(m.path("f").c_str(), O_WRONLY | O_CREAT, 0644);
+  ASSERT_GE(fd, 0);
+  std::string data(64 * 1024, '\0');
+  for (std::size_t i = 0; i < data.size(); ++i) data[i] = char('a' + (i * 31) % 26);
+  for (std::size_t off = 0; off < data.size(); off += 4096) {
+    ASSERT_EQ(::pwrite(fd, data.data() + off, 4096, off_t(off)), 4096);
+  }
+  m.kill_daemon();
+  ::close(fd);
+  m.start();
+  const std::string got = slurp(m.path("f"));
+  EXPECT_EQ(got.size(), data.size());
+  EXPECT_TRUE(got == data) << "a write acknowledged before the kill was lost";
+  EXPECT_EQ(m.unmount(), 0);
+}
+
 }  // namespace
 }  // namespace vpmfs
