@@ -105,7 +105,7 @@ R VolumeImpl::synchronous(R result, std::initializer_list<uint64_t> inos) {
     Lock lock(mu_);
     for (uint64_t ino : inos) {
       auto inode = iget(ino);
-      sync |= inode && (inode->flags & FS_XFLAG_SYNC);
+      sync |= inode && ((inode->flags & FS_XFLAG_SYNC) || (dirsync_ && S_ISDIR(inode->mode)));
     }
   }
   if (!sync) return result;

@@ -227,6 +227,7 @@ Status VolumeImpl::load(const std::string& image, const MountOptions& o) {
   read_only_ = o.read_only;
   atime_ = o.atime;
   sync_ = o.sync;
+  dirsync_ = o.dirsync;
   commit_interval_ms_ = std::max<uint32_t>(o.commit_interval_ms, 1);
   max_transaction_blocks_ = o.max_transaction_blocks;
   cache_limit_ = std::max<uint64_t>(o.cache_blocks, 16);

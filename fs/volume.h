@@ -218,8 +218,9 @@ class VolumeImpl final : public Volume {
   bool space_after_commit();
   template <class Op>
   auto with_space(Op op) -> decltype(op());
-  // chattr +S (FS_XFLAG_SYNC) on any of inos, or a volume mounted -o sync: a call that
-  // succeeded is durable before it returns. The sync's failure is the call's.
+  // chattr +S (FS_XFLAG_SYNC) on any of inos, a volume mounted -o sync, or one mounted -o dirsync
+  // where one of inos is a directory: a call that succeeded is durable before it returns. The
+  // sync's failure is the call's.
   template <class R>
   R synchronous(R result, std::initializer_list<uint64_t> inos);
   Result<Attr> try_setattr(uint64_t ino, const SetAttr& change);
@@ -302,6 +303,7 @@ class VolumeImpl final : public Volume {
   bool read_only_ = false;
   uint32_t commit_interval_ms_ = 5000;
   bool sync_ = false;                    // MountOptions::sync
+  bool dirsync_ = false;                 // MountOptions::dirsync
   uint64_t max_transaction_blocks_ = 0;  // throttle's limit (0: half the journal)
   uint64_t cache_limit_ = 4096;          // metadata blocks kept in memory (trim_cache)
   bool home_pending_ = false;            // a commit's images are not all written home yet

@@ -50,6 +50,8 @@ constexpr const char* kOptionsHelp = R"(Mount options (-o, comma separated):
                       acknowledged writes (fsync still makes them durable)
   sync                every change durable when its call returns; fsync then costs nothing
                       (faster when most writes are fsync'd, slower when few are)
+  dirsync             every change to a directory (create, rename, unlink, ...) durable
+                      when its call returns
   mlock, nomlock      an image on tmpfs: lock its pages in memory as they are first touched,
                       so that reclaim never unmaps them (mlock, the default), or leave them to
                       reclaim and swap (nomlock)

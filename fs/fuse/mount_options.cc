@@ -161,6 +161,10 @@ Status apply_mount_options(std::string_view list, DaemonOptions& o) {
       if (Status s = flag(); !s) return s;
       o.volume.sync = name == "sync";
       o.passed.emplace_back(item);  // the kernel's MS_SYNCHRONOUS too
+    } else if (name == "dirsync") {
+      if (Status s = flag(); !s) return s;
+      o.volume.dirsync = true;
+      o.passed.emplace_back(item);
     } else if (name == "mlock" || name == "nomlock") {
       if (Status s = flag(); !s) return s;
       o.volume.lock_memory = name == "mlock";

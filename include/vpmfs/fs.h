@@ -52,6 +52,9 @@ struct MountOptions {
   // Every call that changes the volume is durable when it returns, as if every inode had
   // chattr +S (the sync mount option). Costs a commit per call; fsync then owes nothing.
   bool sync = false;
+  // Calls that change a directory (create, mkdir, mknod, symlink, link, rename, unlink, rmdir;
+  // also its attributes) are durable when they return (the dirsync mount option).
+  bool dirsync = false;
   // Wait this long for the image lock (RegionOptions::lock_wait_ms).
   uint32_t lock_wait_ms = 0;
   // Lock an image on tmpfs in memory as its pages are touched (RegionOptions::lock_memory; the

@@ -151,6 +151,7 @@ std::string name(char prefix, int i) {
 struct FileFact {
   std::string content;
   std::size_t synced;              // events by which it is durable
+  std::size_t named = SIZE_MAX;    // events by which its name is (-o dirsync, -o sync)
   std::size_t removed = SIZE_MAX;  // events before its unlink started
   std::size_t removed_synced = SIZE_MAX;
 };
@@ -167,12 +168,16 @@ struct Recording {
   std::vector<TargetVersion> target;
 };
 
-// sync_mount: the volume is mounted -o sync and nothing calls sync_wait; each call is taken as
-// durable the moment it returns.
+// What makes the workload's calls durable: its sync_wait calls, or the volume itself, mounted
+// -o sync (nothing calls sync_wait; each call is durable the moment it returns) or -o dirsync
+// (creates, renames and unlinks are durable when they return; file data needs the syncs).
+enum class Durability { syncs, sync_mount, dirsync_mount };
+
 Recording record(const std::string& path, PersistMode mode, int phases, uint64_t seed,
-                 bool sync_mount = false) {
+                 Durability durability = Durability::syncs) {
   MountOptions mo = workload_options(mode);
-  mo.sync = sync_mount;
+  mo.sync = durability == Durability::sync_mount;
+  mo.dirsync = durability == Durability::dirsync_mount;
   auto v = std::move(Volume::mount(path, mo).value());
   Recording rec;
   rec.recorder = std::make_unique<CrashRecorder>(v->region());
@@ -180,21 +185,27 @@ Recording record(const std::string& path, PersistMode mode, int phases, uint64_t
   SplitMix64 rng(seed);
   // The event count by which what the calls so far did is durable.
   auto synced = [&] {
-    if (!sync_mount) {
+    if (durability != Durability::sync_mount) {
       EXPECT_TRUE(v->sync_wait());
     }
     return r.events();
   };
+  // The same for a call that changed a directory's entries, right after it returned.
+  auto entry_synced = [&] { return durability == Durability::syncs ? synced() : r.events(); };
+  // Returns the event count by which the name is durable (SIZE_MAX: only with the next sync).
   auto write_file = [&](uint64_t dir, const std::string& n, const std::string& data) {
     auto a = v->mknod(dir, n, S_IFREG | 0644, 0, 0, 0);
     EXPECT_TRUE(a) << a.status().to_string();
+    std::size_t named = durability == Durability::syncs ? SIZE_MAX : r.events();
     EXPECT_TRUE(v->write(a->ino, 0, data.data(), data.size()));
+    return named;
   };
   for (int p = 0; p < phases; ++p) {
     std::string f = name('f', p);
     std::string data = content(seed * 1000 + p, 1 + rng.below(9000));
-    write_file(kRootIno, f, data);
+    std::size_t named = write_file(kRootIno, f, data);
     rec.files[f] = FileFact{data, synced()};
+    rec.files[f].named = named;
     if (p % 3 == 2) {
       // Replace "target" atomically: write a new file, sync it, rename it over.
       std::string t = name('t', p);
@@ -202,13 +213,13 @@ Recording record(const std::string& path, PersistMode mode, int phases, uint64_t
       write_file(kRootIno, t, tdata);
       std::size_t started = synced();
       EXPECT_TRUE(v->rename(kRootIno, t, kRootIno, "target", 0));
-      rec.target.push_back(TargetVersion{tdata, started, synced()});
+      rec.target.push_back(TargetVersion{tdata, started, entry_synced()});
     }
     if (p % 4 == 3) {
       std::string old = name('f', p - 2);
       rec.files[old].removed = r.events();
       EXPECT_TRUE(v->unlink(kRootIno, old));
-      rec.files[old].removed_synced = synced();
+      rec.files[old].removed_synced = entry_synced();
     }
   }
   rec.recorder->detach();
@@ -237,9 +248,12 @@ std::string verify(const std::string& crashed, const Recording& rec, std::size_t
     for (const auto& [n, fact] : rec.files) {
       auto data = read_all(**v, n, &failure);
       if (!failure.empty()) return failure;
-      bool must_exist = fact.synced <= cut && fact.removed >= cut;
+      bool must_exist = std::min(fact.synced, fact.named) <= cut && fact.removed >= cut;
       bool must_be_gone = fact.removed_synced <= cut;
-      if (must_exist && !data) return n + " was fsync'd and is missing";
+      if (must_exist && !data) {
+        return n + (fact.synced <= cut ? " was fsync'd" : "'s create returned (dirsync)") +
+               " and is missing";
+      }
       if (must_be_gone && data) return n + " was removed and synced but is back";
       if (data && fact.synced <= cut && *data != fact.content) return n + " lost fsync'd content";
     }
@@ -567,11 +581,11 @@ TEST(FsCrash, KilledDaemonLosesNothingAcknowledged) {
 }
 
 uint64_t crash_points(PersistMode mode, CrashModel model, int phases, uint64_t stride,
-                      uint64_t seeds, uint64_t seed, bool sync_mount = false) {
+                      uint64_t seeds, uint64_t seed, Durability durability = Durability::syncs) {
   TempPath path("fscrash-src.img");
   TempPath crashed("fscrash-dst.img");
   make_volume(path);
-  Recording rec = record(path, mode, phases, seed, sync_mount);
+  Recording rec = record(path, mode, phases, seed, durability);
   return crash_at_points(*rec.recorder, model, stride, seeds, seed, crashed,
                          [&](std::size_t cut) { return verify(crashed, rec, cut); });
 }
@@ -603,14 +617,27 @@ TEST(FsCrash, SyncMountKeepsWhatEveryCallReturned) {
   uint64_t direct = 0;
   for (uint64_t run = 0; run < scale(); ++run) {
     writeback += crash_points(PersistMode::writeback, CrashModel::writeback, 12, 2, 1, 7 + run,
-                              /*sync_mount=*/true);
+                              Durability::sync_mount);
     direct += crash_points(PersistMode::direct, CrashModel::direct, 14, 3, 1, 9 + run,
-                           /*sync_mount=*/true);
+                           Durability::sync_mount);
   }
   std::printf("mounted -o sync: %llu writeback and %llu direct crash points\n",
               (unsigned long long)writeback, (unsigned long long)direct);
   EXPECT_GE(writeback, 1000u * scale());
   EXPECT_GE(direct, 1000u * scale());
+}
+
+// Mounted -o dirsync: a file's name is there from the moment its create returned (its content
+// only after the sync that follows), and a rename or unlink is durable when it returns.
+TEST(FsCrash, DirsyncMountKeepsEveryReturnedEntryChange) {
+  uint64_t points = 0;
+  for (uint64_t run = 0; run < scale(); ++run) {
+    points += crash_points(PersistMode::writeback, CrashModel::writeback, 16, 2, 1, 11 + run,
+                           Durability::dirsync_mount);
+  }
+  std::printf("writeback model, mounted -o dirsync: %llu crash points\n",
+              (unsigned long long)points);
+  EXPECT_GE(points, 1000u * scale());
 }
 
 // --- extended attributes, fallocate and punched holes --------------------------------------------

@@ -46,15 +46,23 @@ class VolumeTest : public ::testing::TestWithParam<PersistMode> {
     ASSERT_TRUE(Volume::mkfs(path_, o));
     mount();
   }
-  void mount(bool sync = false) {
+  void mount(bool sync = false, bool dirsync = false) {
     v_.reset();
     MountOptions m;
     m.mode = GetParam();
     m.force_persistent = true;
     m.sync = sync;
+    m.dirsync = dirsync;
     auto v = Volume::mount(path_, m);
     ASSERT_TRUE(v) << v.status().to_string();
     v_ = std::move(v.value());
+  }
+  // How many syncs a call that must succeed made.
+  template <class Call>
+  uint64_t syncs_of(Call&& call) {
+    uint64_t before = v_->health().syncs;
+    EXPECT_TRUE(call());
+    return v_->health().syncs - before;
   }
   uint64_t create(uint64_t dir, const std::string& name, uint32_t mode = 0644) {
     auto a = v_->mknod(dir, name, S_IFREG | mode, 0, 0, 0);
@@ -321,11 +329,6 @@ TEST_P(VolumeTest, SyncAndNoatimeFlags) {
   ASSERT_TRUE(v_->set_xflags(f, FS_XFLAG_SYNC | FS_XFLAG_NODUMP));
   ASSERT_TRUE(v_->set_xflags(d->ino, FS_XFLAG_SYNC));
   EXPECT_EQ(v_->getattr(f)->flags, uint32_t(FS_XFLAG_SYNC | FS_XFLAG_NODUMP));
-  auto syncs_of = [&](auto&& call) {
-    uint64_t before = v_->health().syncs;
-    EXPECT_TRUE(call());
-    return v_->health().syncs - before;
-  };
   uint64_t plain = create(kRootIno, "plain");
   EXPECT_EQ(syncs_of([&] { return v_->write(plain, 0, "p", 1); }), 0u);
   EXPECT_EQ(syncs_of([&] { return v_->write(f, 0, "s", 1); }), 1u);
@@ -358,18 +361,8 @@ TEST_P(VolumeTest, SyncAndNoatimeFlags) {
 // each), without chattr +S; calls that only look change nothing and sync nothing.
 TEST_P(VolumeTest, SyncMountMakesEveryChangingCallDurable) {
   mount(/*sync=*/true);
-  auto syncs_of = [&](auto&& call) {
-    uint64_t before = v_->health().syncs;
-    EXPECT_TRUE(call());
-    return v_->health().syncs - before;
-  };
   uint64_t f = 0;
-  EXPECT_EQ(syncs_of([&] {
-              auto a = v_->mknod(kRootIno, "f", S_IFREG | 0644, 0, 0, 0);
-              f = a ? a->ino : 0;
-              return a;
-            }),
-            1u);
+  EXPECT_EQ(syncs_of([&] { return (f = create(kRootIno, "f")) != 0; }), 1u);
   EXPECT_EQ(syncs_of([&] { return v_->write(f, 0, "data", 4); }), 1u);
   EXPECT_EQ(syncs_of([&] { return v_->write(f, 8192, "more", 4); }), 1u);
   SetAttr chmod;
@@ -405,6 +398,24 @@ TEST_P(VolumeTest, SyncMountMakesEveryChangingCallDurable) {
               return v_->getxattr(f, "user.none", nullptr, 0).status().error() == ENODATA;
             }),
             0u);
+}
+
+// Mounted -o dirsync: calls that change a directory sync once each; a file's data and
+// attributes wait for fsync or the periodic commit.
+TEST_P(VolumeTest, DirsyncMountMakesDirectoryChangesDurable) {
+  mount(/*sync=*/false, /*dirsync=*/true);
+  uint64_t f = 0;
+  EXPECT_EQ(syncs_of([&] { return (f = create(kRootIno, "f")) != 0; }), 1u);
+  EXPECT_EQ(syncs_of([&] { return v_->link(f, kRootIno, "g"); }), 1u);
+  EXPECT_EQ(syncs_of([&] { return v_->rename(kRootIno, "g", kRootIno, "h", 0); }), 1u);
+  EXPECT_EQ(syncs_of([&] { return v_->unlink(kRootIno, "h"); }), 1u);
+  EXPECT_EQ(syncs_of([&] { return v_->mkdir(kRootIno, "d", 0755, 0, 0); }), 1u);
+  EXPECT_EQ(syncs_of([&] { return v_->rmdir(kRootIno, "d"); }), 1u);
+  EXPECT_EQ(syncs_of([&] { return v_->write(f, 0, "data", 4); }), 0u);
+  SetAttr chmod;
+  chmod.mode = 0600;
+  EXPECT_EQ(syncs_of([&] { return v_->setattr(f, chmod); }), 0u);
+  EXPECT_EQ(syncs_of([&] { return v_->setxattr(f, "user.k", "v", 1, 0); }), 0u);
 }
 
 // health() tells commits that wrote the journal from those that only flushed data, and how long

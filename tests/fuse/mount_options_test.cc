@@ -70,6 +70,9 @@ TEST(MountOptions, VpmfsOptions) {
   ASSERT_TRUE(apply_mount_options("async", o));
   EXPECT_FALSE(o.volume.sync);
   EXPECT_FALSE(apply_mount_options("sync=1", o));
+  ASSERT_TRUE(apply_mount_options("dirsync", o));
+  EXPECT_TRUE(o.volume.dirsync);
+  EXPECT_NE(fuse_mount_options(o).find(",dirsync"), std::string::npos);
   ASSERT_TRUE(apply_mount_options("nomlock", o));
   EXPECT_FALSE(o.volume.lock_memory);
   ASSERT_TRUE(apply_mount_options("mlock", o));
